@@ -1,0 +1,192 @@
+"""Model hyperparameters: one frozen dataclass for the Llama 3, Gemma 2 and Qwen 2.5 families.
+
+Named sizes are factories (`gemma2_9b()`), never if-chains; each returns the published shape.
+`num_labels > 0` turns the decoder into a sequence-classification (reward) model whose head is
+read at the last real token.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax.numpy as jnp
+
+FAMILIES = ("llama", "gemma2", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder hyperparameters. Sizes in units of elements; dtypes as jnp dtype names."""
+
+  family: str
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  # Llama 3.1 frequency scaling: (factor, low_freq_factor, high_freq_factor, original_max_pos).
+  rope_llama3_scaling: Optional[tuple[float, float, float, int]] = None
+  rms_norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  # Gemma 2 only.
+  sliding_window: Optional[int] = None
+  # Per layer: True where the layer attends through the sliding window.
+  sliding_layers: Optional[tuple[bool, ...]] = None
+  attn_logit_softcap: Optional[float] = None
+  final_logit_softcap: Optional[float] = None
+  query_pre_attn_scalar: Optional[float] = None
+  # 0: causal LM (logits [B, T, V]); >0: sequence classification (scores [B, num_labels]).
+  num_labels: int = 0
+  max_position_embeddings: int = 8192
+  pad_token_id: Optional[int] = None
+  bos_token_id: Optional[int] = None
+  eos_token_ids: tuple[int, ...] = ()
+  # Numerics: parameters are stored in param_dtype, matmuls run in dtype.
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  # Rematerialisation of each block in the backward pass: "none", "full", "dots"
+  # (save matmul outputs, recompute the rest).
+  remat: str = "none"
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got {self.family!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+          f"({self.num_kv_heads})")
+    if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:
+      raise ValueError(
+          f"ModelConfig.sliding_layers has {len(self.sliding_layers)} entries for "
+          f"{self.num_layers} layers")
+    if self.remat not in ("none", "full", "dots"):
+      raise ValueError(f"ModelConfig.remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+
+  @property
+  def is_gemma(self) -> bool:
+    return self.family == "gemma2"
+
+  @property
+  def is_reward_model(self) -> bool:
+    return self.num_labels > 0
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_param_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  @property
+  def layer_windows(self) -> tuple[int, ...]:
+    """Per layer attention window in tokens; 0 means global attention."""
+    if self.sliding_window is None or self.sliding_layers is None:
+      return (0,) * self.num_layers
+    return tuple(self.sliding_window if s else 0 for s in self.sliding_layers)
+
+  def replace(self, **kwargs) -> "ModelConfig":
+    return dataclasses.replace(self, **kwargs)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Forward matmul FLOPs per token (2 per multiply-add), attention included.
+
+    Multiply by 3 for a training step (forward + backward)."""
+    d, f, h, k, dh = (self.hidden_size, self.intermediate_size, self.num_heads,
+                      self.num_kv_heads, self.head_dim)
+    per_layer = 2 * (d * h * dh + 2 * d * k * dh + h * dh * d + 3 * d * f)
+    per_layer += 2 * 2 * h * dh * seq_len  # q·k and p·v over the context
+    out = 2 * d * max(self.vocab_size if not self.is_reward_model else self.num_labels, 1)
+    return self.num_layers * per_layer + out
+
+
+def _gemma2(**kw) -> ModelConfig:
+  n = kw["num_layers"]
+  defaults = dict(
+      family="gemma2", vocab_size=256000, head_dim=256, rope_theta=10000.0, rms_norm_eps=1e-6,
+      tie_embeddings=True, sliding_window=4096,
+      # Layer 0 is local, layer 1 global, and so on (transformers' Gemma2 layer_types).
+      sliding_layers=tuple(i % 2 == 0 for i in range(n)),
+      attn_logit_softcap=50.0, final_logit_softcap=30.0, pad_token_id=0, bos_token_id=2,
+      eos_token_ids=(1, 107))
+  defaults.update(kw)
+  return ModelConfig(**defaults)
+
+
+def gemma2_2b(**kw) -> ModelConfig:
+  return _gemma2(hidden_size=2304, intermediate_size=9216, num_layers=26, num_heads=8,
+                 num_kv_heads=4, query_pre_attn_scalar=256, **kw)
+
+
+def gemma2_9b(**kw) -> ModelConfig:
+  return _gemma2(hidden_size=3584, intermediate_size=14336, num_layers=42, num_heads=16,
+                 num_kv_heads=8, query_pre_attn_scalar=256, **kw)
+
+
+def gemma2_27b(**kw) -> ModelConfig:
+  return _gemma2(hidden_size=4608, intermediate_size=36864, num_layers=46, num_heads=32,
+                 num_kv_heads=16, head_dim=128, query_pre_attn_scalar=144, **kw)
+
+
+def _llama3(**kw) -> ModelConfig:
+  defaults = dict(family="llama", vocab_size=128256, head_dim=128, rope_theta=500000.0,
+                  rms_norm_eps=1e-5, max_position_embeddings=131072, bos_token_id=128000,
+                  eos_token_ids=(128001, 128009),
+                  rope_llama3_scaling=(8.0, 1.0, 4.0, 8192))
+  defaults.update(kw)
+  return ModelConfig(**defaults)
+
+
+def llama3_8b(**kw) -> ModelConfig:
+  """Llama 3.1 8B (the Llama 3.0 8B shape is the same, without the RoPE scaling)."""
+  return _llama3(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                 num_kv_heads=8, **kw)
+
+
+def llama3_70b(**kw) -> ModelConfig:
+  return _llama3(hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+                 num_kv_heads=8, **kw)
+
+
+def _qwen2_5(**kw) -> ModelConfig:
+  defaults = dict(family="qwen2", rope_theta=1000000.0, rms_norm_eps=1e-6, qkv_bias=True,
+                  head_dim=128, max_position_embeddings=32768, bos_token_id=None,
+                  eos_token_ids=(151645, 151643), pad_token_id=151643)
+  defaults.update(kw)
+  return ModelConfig(**defaults)
+
+
+def qwen2_5_0_5b(**kw) -> ModelConfig:
+  return _qwen2_5(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+                  num_heads=14, num_kv_heads=2, head_dim=64, tie_embeddings=True, **kw)
+
+
+def qwen2_5_7b(**kw) -> ModelConfig:
+  return _qwen2_5(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                  num_heads=28, num_kv_heads=4, **kw)
+
+
+def tiny(family: str = "llama", **kw) -> ModelConfig:
+  """A few-thousand-parameter model of any family, for tests and the embedded default."""
+  defaults = dict(family=family, vocab_size=256, hidden_size=64, intermediate_size=128,
+                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0)
+  if family == "gemma2":
+    n = kw.get("num_layers", 2)
+    defaults.update(tie_embeddings=True, sliding_window=8,
+                    sliding_layers=tuple(i % 2 == 0 for i in range(n)), attn_logit_softcap=50.0,
+                    final_logit_softcap=30.0, query_pre_attn_scalar=16)
+  if family == "qwen2":
+    defaults.update(qkv_bias=True, tie_embeddings=True)
+  defaults.update(kw)
+  return ModelConfig(**defaults)
+
+
+NAMED_SIZES = {
+    "gemma2_2b": gemma2_2b, "gemma2_9b": gemma2_9b, "gemma2_27b": gemma2_27b,
+    "llama3_8b": llama3_8b, "llama3_70b": llama3_70b,
+    "qwen2_5_0_5b": qwen2_5_0_5b, "qwen2_5_7b": qwen2_5_7b,
+}

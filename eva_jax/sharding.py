@@ -1,0 +1,134 @@
+"""Every placement decision: the mesh, the logical-axis rules, and shardings derived from them.
+
+Modules only name logical axes (`embed`, `mlp`, `heads`, `act_batch`, ...); this file maps them
+onto the mesh axes (`data`, `fsdp`, `tensor`). A mesh axis that does not divide an array
+dimension is dropped for that array (the dimension is replicated), so tiny test models and odd
+head counts shard without special cases.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (logical name, mesh axes). Parameters are sharded over fsdp along `embed` and over tensor along
+# heads / mlp / vocab (Megatron-style); activations are sharded over data+fsdp along the batch.
+DEFAULT_RULES: tuple[tuple[str, Optional[object]], ...] = (
+    ("act_batch", BATCH_AXES),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one size may be -1 for "the rest of the devices"."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [data, fsdp, tensor]
+  if sum(s == -1 for s in sizes) > 1:
+    raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh: sizes must be positive or -1, got {sizes}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh: {len(devices)} devices do not divide into {sizes}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh: {sizes} needs {math.prod(sizes)} devices, have {len(devices)}")
+  # mesh_utils orders devices so that `tensor` (the chattiest axis) stays on the fastest links.
+  try:
+    grid = mesh_utils.create_device_mesh(sizes, devices)
+  except Exception:  # Fake CPU devices and odd shapes have no topology to exploit.
+    grid = np.asarray(devices).reshape(sizes)
+  return Mesh(grid, MESH_AXES)
+
+
+def mesh_from_config(mesh_cfg) -> Mesh:
+  """Builds the mesh from a config section with fields data, fsdp, tensor."""
+  return make_mesh(int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor))
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_sharding(shape: Sequence[int], logical: Sequence[Optional[str]], mesh: Mesh,
+                        rules=DEFAULT_RULES) -> NamedSharding:
+  """NamedSharding for an array of `shape` whose axes carry logical names."""
+  mesh_axes = nn.logical_to_mesh_axes(tuple(logical), rules)
+  spec, used = [], set()
+  for dim, axes in zip(shape, mesh_axes):
+    flat = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    # A mesh axis used once per array, and only where it divides the dimension.
+    flat = tuple(a for a in flat if a not in used)
+    if not flat or dim % _axis_size(mesh, flat):
+      spec.append(None)
+      continue
+    used.update(flat)
+    spec.append(flat[0] if len(flat) == 1 else flat)
+  return NamedSharding(mesh, P(*spec))
+
+
+def tree_shardings(shapes, logical_specs, mesh: Mesh, rules=DEFAULT_RULES):
+  """Shardings for a pytree of arrays/ShapeDtypeStructs given a pytree of logical specs."""
+  return jax.tree.map(
+      lambda spec, x: logical_to_sharding(x.shape, tuple(spec), mesh, rules), logical_specs,
+      shapes, is_leaf=lambda s: isinstance(s, P))
+
+
+def param_shardings(config, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for the params of a ModelConfig (computed without allocating weights)."""
+  from eva_jax import models  # Avoid a cycle: models does not import sharding.
+  shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
+  return tree_shardings(shapes, models.param_logical_specs(config), mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading (batch) axis over data+fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_multiple(mesh: Mesh) -> int:
+  """Batch sizes must be a multiple of this to shard over data+fsdp."""
+  return _axis_size(mesh, BATCH_AXES)
+
+
+def shard_batch(tree, mesh: Mesh):
+  """Places host arrays with their leading axis over data+fsdp (single process)."""
+  return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), tree)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules=DEFAULT_RULES):
+  """Context under which the models' logical activation constraints take effect."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield

@@ -1,0 +1,37 @@
+"""eva_jax: asymmetric self-play (creator / solver) alignment post-training in JAX."""
+from setuptools import setup
+
+setup(
+    name="eva_jax",
+    version="0.1.0",
+    description="eva: reward-guided prompt evolving for preference post-training, in JAX/Flax",
+    python_requires=">=3.10",
+    # kernels/ lives at the top of the repo (beside its references and tests) but is imported
+    # as eva_jax.kernels.
+    packages=["eva_jax", "eva_jax.models", "eva_jax.kernels"],
+    package_dir={"eva_jax": "eva_jax", "eva_jax.kernels": "kernels"},
+    package_data={"eva_jax": ["templates/*.txt"]},
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "transformers>=4.50",
+        "sentencepiece",
+        "ml-collections",
+        "tensorflow-datasets",
+        "array_record",
+        "safetensors",
+        "absl-py",
+        "jinja2",
+        "importlib_resources",
+        "tqdm",
+        "matplotlib",
+        "tensorboardX",
+        "numpy",
+    ],
+    extras_require={
+        # PyTorch is only the reference implementation in parity tests and benchmark peers.
+        "test": ["pytest", "chex", "torch==2.13.0", "nbclient", "nbformat", "ipykernel"],
+    },
+)
