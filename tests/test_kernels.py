@@ -1,0 +1,176 @@
+"""Target log-prob kernels (chunked JAX, Pallas in interpret mode) against the references.
+
+The jnp reference is itself checked against a float64 NumPy log-softmax. Shapes are ragged on
+purpose (N=13, D=24, V=103 against 8 x 32 tiles) so that row padding, vocabulary padding and the
+slid last vocabulary block are all exercised. Float32 tolerance: rtol 1e-5, atol 1e-5 (matmuls
+run at "highest" precision, see conftest.py).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eva_jax import kernels
+
+N, D, V = 13, 24, 103
+TOL = dict(rtol=1e-5, atol=1e-5)
+SOFTCAP = 3.0  # small, so that tanh saturates for the logits of these inputs
+
+
+def _inputs(seed=0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  hidden = jnp.asarray(rng.normal(size=(N, D)), dtype)
+  w_out = jnp.asarray(0.5 * rng.normal(size=(D, V)), dtype)
+  targets = jnp.asarray(rng.integers(0, V, size=N), jnp.int32)
+  # Cotangent weights, so that every row's log-prob and entropy enter the loss differently.
+  weights = jnp.asarray(rng.normal(size=(2, N)), jnp.float32)
+  return hidden, w_out, targets, weights
+
+
+def _impl(name, softcap, return_entropy, **overrides):
+  """A (hidden, w_out, targets) -> outputs function for one implementation, small tiles."""
+  if name == "reference":
+    kwargs = {}
+  elif name == "chunked":
+    kwargs = dict(block_v=32)
+  else:
+    kwargs = dict(block_n=8, block_v=32, block_d=8, bwd_block_v=32, interpret=True)
+  kwargs.update(overrides)
+  fn = {"reference": kernels.reference_target_logprobs,
+        "chunked": kernels.chunked_target_logprobs,
+        "pallas": kernels.pallas_target_logprobs}[name]
+  return lambda h, w, t: fn(h, w, t, softcap=softcap, return_entropy=return_entropy, **kwargs)
+
+
+def _value_and_grads(fn, hidden, w_out, targets, weights, with_entropy):
+  """Outputs and d(loss)/d(hidden, w_out) for loss = weighted sum of log-probs (+ entropies)."""
+  def loss(h, w):
+    out = fn(h, w, targets)
+    logprob, entropy = out if with_entropy else (out, None)
+    total = jnp.sum(weights[0] * logprob)
+    if with_entropy:
+      total = total + jnp.sum(weights[1] * entropy)
+    return total, out
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(hidden, w_out)
+  return out, grads
+
+
+def _numpy_logprobs(hidden, w_out, targets, softcap):
+  logits = np.asarray(hidden, np.float64) @ np.asarray(w_out, np.float64)
+  if softcap is not None:
+    logits = softcap * np.tanh(logits / softcap)
+  shifted = logits - logits.max(axis=1, keepdims=True)
+  logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+  return logp[np.arange(len(targets)), np.asarray(targets)], -(np.exp(logp) * logp).sum(axis=1)
+
+
+@pytest.mark.parametrize("softcap", [None, SOFTCAP])
+def test_reference_matches_numpy(softcap):
+  hidden, w_out, targets, _ = _inputs()
+  logprob, entropy = kernels.reference_target_logprobs(hidden, w_out, targets, softcap=softcap,
+                                                       return_entropy=True)
+  want_logprob, want_entropy = _numpy_logprobs(hidden, w_out, targets, softcap)
+  np.testing.assert_allclose(logprob, want_logprob, **TOL)
+  np.testing.assert_allclose(entropy, want_entropy, **TOL)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+@pytest.mark.parametrize("softcap", [None, SOFTCAP])
+def test_values_and_grads_match_reference(impl, softcap):
+  hidden, w_out, targets, weights = _inputs()
+  got, got_grads = _value_and_grads(_impl(impl, softcap, True), hidden, w_out, targets, weights,
+                                    with_entropy=True)
+  want, want_grads = _value_and_grads(_impl("reference", softcap, True), hidden, w_out, targets,
+                                      weights, with_entropy=True)
+  for name, g, w in zip(["logprob", "entropy", "d_hidden", "d_w_out"], [*got, *got_grads],
+                        [*want, *want_grads]):
+    assert g.dtype == jnp.float32, name
+    np.testing.assert_allclose(g, w, err_msg=name, **TOL)
+
+
+@pytest.mark.parametrize("impl,overrides", [
+    ("chunked", dict(block_v=256)),         # block wider than the vocabulary: clipped to V
+    ("pallas", dict(block_d=None)),         # all of D in one matmul inside the kernel
+])
+def test_logprobs_only(impl, overrides):
+  hidden, w_out, targets, weights = _inputs(seed=1)
+  got, got_grads = _value_and_grads(_impl(impl, SOFTCAP, False, **overrides), hidden, w_out,
+                                    targets, weights, with_entropy=False)
+  want, want_grads = _value_and_grads(_impl("reference", SOFTCAP, False), hidden, w_out, targets,
+                                      weights, with_entropy=False)
+  assert got.shape == (N,)
+  np.testing.assert_allclose(got, want, **TOL)
+  for name, g, w in zip(["d_hidden", "d_w_out"], got_grads, want_grads):
+    np.testing.assert_allclose(g, w, err_msg=name, **TOL)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+def test_probabilities_sum_to_one(impl):
+  """One hidden row scored against every vocabulary entry: the probabilities sum to 1."""
+  hidden, w_out, _, _ = _inputs(seed=2)
+  every_token = jnp.arange(V, dtype=jnp.int32)
+  logprob = _impl(impl, None, False)(jnp.broadcast_to(hidden[0], (V, D)), w_out, every_token)
+  np.testing.assert_allclose(jnp.sum(jnp.exp(logprob)), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+def test_bfloat16_inputs(impl):
+  """bf16 inputs: float32 outputs equal the float32 computation on the same (rounded) values.
+
+  bf16 x bf16 products are exact in float32 and accumulation is float32, so the values keep the
+  float32 tolerance. Gradients come back in bf16 and carry its rounding (8 bits of mantissa).
+  """
+  hidden, w_out, targets, weights = _inputs(seed=3, dtype=jnp.bfloat16)
+  got, got_grads = _value_and_grads(_impl(impl, SOFTCAP, True), hidden, w_out, targets, weights,
+                                    with_entropy=True)
+  want, want_grads = _value_and_grads(_impl("reference", SOFTCAP, True), hidden.astype(jnp.float32),
+                                      w_out.astype(jnp.float32), targets, weights,
+                                      with_entropy=True)
+  for name, g, w in zip(["logprob", "entropy"], got, want):
+    assert g.dtype == jnp.float32, name
+    np.testing.assert_allclose(g, w, err_msg=name, rtol=1e-5, atol=1e-4)
+  for name, g, w in zip(["d_hidden", "d_w_out"], got_grads, want_grads):
+    assert g.dtype == jnp.bfloat16, name
+    scale = float(jnp.max(jnp.abs(w)))
+    np.testing.assert_allclose(g.astype(jnp.float32), w, err_msg=name, rtol=2 ** -7,
+                               atol=2 ** -7 * scale)
+
+
+def test_target_logprobs_dispatch_with_default_blocks():
+  hidden, w_out, targets, _ = _inputs()
+  want = kernels.reference_target_logprobs(hidden, w_out, targets, softcap=SOFTCAP,
+                                           return_entropy=True)
+  # "auto" is the chunked walk on CPU; "pallas" runs its default 64 x 256 tile interpreted.
+  for impl in ["auto", "reference", "chunked", "pallas"]:
+    got = kernels.target_logprobs(hidden, w_out, targets, softcap=SOFTCAP, return_entropy=True,
+                                  impl=impl)
+    for name, g, w in zip(["logprob", "entropy"], got, want):
+      np.testing.assert_allclose(g, w, err_msg=f"{impl} {name}", **TOL)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked", "pallas"])
+@pytest.mark.parametrize("bad,error,match", [
+    (dict(hidden=np.zeros((N, D + 1), np.float32)), ValueError, "D differs"),
+    (dict(targets=np.zeros((N + 1,), np.int32)), ValueError, "targets has"),
+    (dict(hidden=np.zeros((N * D,), np.float32)), ValueError, "hidden must have 2"),
+    (dict(targets=np.zeros((N,), np.float32)), TypeError, "integer token ids"),
+    (dict(softcap=0.0), ValueError, "softcap"),
+])
+def test_bad_inputs_raise(impl, bad, error, match):
+  hidden, w_out, targets, _ = _inputs()
+  args = dict(hidden=hidden, w_out=w_out, targets=targets, softcap=None)
+  args.update(bad)
+  with pytest.raises(error, match=match):
+    kernels.target_logprobs(args["hidden"], args["w_out"], args["targets"],
+                            softcap=args["softcap"], impl=impl)
+
+
+def test_bad_options_raise():
+  hidden, w_out, targets, _ = _inputs()
+  with pytest.raises(ValueError, match="impl"):
+    kernels.target_logprobs(hidden, w_out, targets, impl="fused")
+  with pytest.raises(ValueError, match="block_d"):
+    kernels.pallas_target_logprobs(hidden, w_out, targets, block_d=7)
+  with pytest.raises(ValueError, match="block_v"):
+    kernels.chunked_target_logprobs(hidden, w_out, targets, block_v=0)
