@@ -132,3 +132,26 @@ def activation_rules(mesh: Mesh, rules=DEFAULT_RULES):
   """Context under which the models' logical activation constraints take effect."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
+
+
+def optimizer_state_shardings(opt_state_shapes, params_shapes, param_shardings, mesh: Mesh):
+  """Shardings for an optax state: every sub-tree shaped like the params (Adam's mu and nu,
+  RMSprop's nu, ...) is placed like the params; the rest (step counts) is replicated."""
+  params_def = jax.tree.structure(params_shapes)
+  param_shapes = [x.shape for x in jax.tree.leaves(params_shapes)]
+
+  def like_params(node) -> bool:
+    return (jax.tree.structure(node) == params_def
+            and [x.shape for x in jax.tree.leaves(node)] == param_shapes)
+
+  return jax.tree.map(
+      lambda node: param_shardings if like_params(node) else replicated(mesh),
+      opt_state_shapes, is_leaf=like_params)
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-host) global array as one NumPy array on every process."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))

@@ -1,0 +1,258 @@
+"""The language-model evolver: EvolInstruct-style chained rewriting with a JAX creator model.
+
+For each selected prompt, `LMEvolver.evolve` grows one chain of `num_chained` rewrites; step s asks
+the creator model to rewrite the output of step s - 1 (step 1 rewrites the selected prompt), and
+every step is returned as a `creator.Candidate` for `creator.evolve_round` to filter and keep.
+
+One step of one chain:
+1. a method is drawn (`plan_chains`): in-depth with probability `depth_prob`, else in-breadth,
+   then a method of that group in proportion to `method_weights`; "mix" also draws a second
+   prompt, another selected prompt (the original text, not its chain's rewrite);
+2. `creator.render_evolution_request` writes the meta-prompt, the creator's chat template turns
+   it into token ids (one user turn plus the generation prompt);
+3. `eva_jax.sampling.sample` draws one reply, batched over every chain at this step (chunks of
+   `batch_size` requests), and the reply's tokens up to its eos are decoded;
+4. `creator.parse_evolved` reads the new prompt out of the reply.
+
+A chain stops early (no later steps) when:
+- its request is longer than `max_prompt_tokens`: the request is skipped and no candidate is
+  emitted for that step, with a logged warning. Cutting tokens would either drop the chat header
+  and the instructions (left truncation) or ask for a rewrite of a fragment of the prompt, and
+  neither reply would be a rewrite of the text its candidate is filtered against;
+- the reply does not parse (or was cut off by `max_new_tokens` before its closing marker, unless
+  `keep_unfinished`): the step is emitted with `text=None` (the filters count it as "empty") and
+  the chain ends, because `evolve_round` filters step s + 1 against step s's text.
+
+Randomness: `rng` is anything `creator.numpy_rng` accepts. All method and mix-partner draws come
+first, then one uint32 seed for the sampling key, so the plan does not depend on the replies.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import numpy as np
+
+from eva_jax import creator, sampling, sharding
+from eva_jax.buffer import PromptRecord
+from eva_jax.models.config import ModelConfig
+from eva_jax.models.tokenizer import Tokenizer, pad_sequences
+
+log = logging.getLogger(__name__)
+
+# A request longer than this is skipped by default (also capped by the model's positions).
+DEFAULT_MAX_PROMPT_TOKENS = 2048
+
+
+class PlannedStep(NamedTuple):
+  """One step of a chain: the method and, for "mix", the index of the second prompt."""
+  method: str
+  other: Optional[int] = None
+
+
+def method_probabilities(depth_prob: float = 0.5,
+                         method_weights: Optional[Mapping[str, float]] = None, *,
+                         allow_mix: bool = True) -> np.ndarray:
+  """Probability of each of `creator.EVOLUTION_METHODS` (in that order) at one step -> [10].
+
+  Args:
+    depth_prob: chance of an in-depth method; in-breadth gets 1 - depth_prob. A group whose
+      weights are all 0 hands its share to the other group.
+    method_weights: method -> weight >= 0 within its group; None weighs every method 1, a
+      mapping weighs the methods it names (the others 0).
+    allow_mix: False (a single selected prompt, nothing to mix with) sets "mix" to 0 before the
+      group shares are computed.
+  """
+  if isinstance(depth_prob, bool) or not 0.0 <= depth_prob <= 1.0:
+    raise ValueError(f"depth_prob must be in [0, 1], got {depth_prob!r}")
+  methods = creator.EVOLUTION_METHODS
+  if method_weights is None:
+    weights_M = np.ones(len(methods))
+  else:
+    unknown = set(method_weights) - set(methods)
+    if unknown:
+      raise ValueError(f"unknown evolution methods in method_weights: {sorted(unknown)}; "
+                       f"expected names from {methods}")
+    weights_M = np.array([float(method_weights.get(m, 0.0)) for m in methods])
+    if not (np.isfinite(weights_M) & (weights_M >= 0)).all():
+      raise ValueError(f"method weights must be finite and >= 0, got {dict(method_weights)}")
+  if not allow_mix:
+    weights_M[methods.index("mix")] = 0.0
+  in_depth_M = np.isin(methods, creator.IN_DEPTH_METHODS)
+  totals = {True: weights_M[in_depth_M].sum(), False: weights_M[~in_depth_M].sum()}
+  shares = {True: depth_prob, False: 1.0 - depth_prob}
+  for group in (True, False):
+    if totals[group] == 0:
+      shares[not group], shares[group] = 1.0, 0.0
+  if totals[True] == 0 and totals[False] == 0:
+    raise ValueError(f"no evolution method has a positive weight (method_weights="
+                     f"{method_weights}{', mix needs two prompts' if not allow_mix else ''})")
+  probs_M = np.array([shares[bool(d)] * w / totals[bool(d)] if w > 0 else 0.0
+                      for d, w in zip(in_depth_M, weights_M)])
+  return probs_M / probs_M.sum()
+
+
+def plan_chains(num_prompts: int, num_chained: int, gen: np.random.Generator, *,
+                depth_prob: float = 0.5,
+                method_weights: Optional[Mapping[str, float]] = None) -> list[list[PlannedStep]]:
+  """Draws every chain's methods -> [num_prompts][num_chained] `PlannedStep`s.
+
+  Draw order is prompt by prompt, step by step: one method draw, then (for "mix") one draw of the
+  other prompt, uniform over the other prompts.
+  """
+  probs_M = method_probabilities(depth_prob, method_weights, allow_mix=num_prompts > 1)
+  plan = []
+  for prompt in range(num_prompts):
+    chain = []
+    for _ in range(num_chained):
+      method = creator.EVOLUTION_METHODS[gen.choice(len(probs_M), p=probs_M)]
+      other = None
+      if method == "mix":
+        other = int(gen.integers(num_prompts - 1))
+        other += other >= prompt  # Skips the prompt itself.
+      chain.append(PlannedStep(method, other))
+    plan.append(chain)
+  return plan
+
+
+def generate_replies(config: ModelConfig, params: dict, tokenizer: Tokenizer,
+                     requests: Sequence[Sequence[int]], *, rng: jax.Array, max_new_tokens: int,
+                     temperature: float, top_p: float, batch_size: int,
+                     mesh=None) -> list[tuple[str, bool]]:
+  """One sampled reply per tokenised request -> [(decoded text, finished)] in request order.
+
+  Requests go to `sampling.sample` in chunks of at most `batch_size` (right-padded); chunk c
+  samples with `fold_in(rng, c)`. The text is the reply's tokens up to and including its eos,
+  decoded without special tokens; finished is False when it hit `max_new_tokens` first.
+  """
+  replies = []
+  for chunk, start in enumerate(range(0, len(requests), batch_size)):
+    ids_BxP, mask_BxP = pad_sequences(requests[start:start + batch_size], tokenizer.pad_id)
+    out = sampling.sample(config, params, ids_BxP, mask_BxP, rng=jax.random.fold_in(rng, chunk),
+                          num_samples=1, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, eos_ids=tokenizer.eos_ids, mesh=mesh)
+    tokens_BxT = sharding.to_host(out.tokens)[:, 0]
+    lengths_B = sharding.to_host(out.lengths)[:, 0]
+    finished_B = sharding.to_host(out.finished)[:, 0]
+    replies += [(tokenizer.decode(tokens_T[:length]), bool(finished))
+                for tokens_T, length, finished in zip(tokens_BxT, lengths_B, finished_B)]
+  return replies
+
+
+def _positive_int(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+  return int(value)
+
+
+class LMEvolver:
+  """`creator.Evolver` that rewrites prompts with a creator language model.
+
+  The creator is the policy (its config, params and tokenizer) or another checkpoint loaded
+  with `eva_jax.models.hf.load` and `eva_jax.models.tokenizer.load_tokenizer`.
+
+  Args:
+    config, params, tokenizer: the creator model and its tokenizer (which has a chat template).
+    num_chained: rewrites per chain, every step kept (eva: 4).
+    depth_prob, method_weights: how methods are drawn; see `method_probabilities`.
+    max_new_tokens: reply budget per step, in tokens.
+    temperature, top_p: sampling settings of the replies.
+    max_prompt_tokens: longest request (chat-templated, in tokens) sent to the model; longer ones
+      are skipped (module docstring). Default: min(2048, positions left after max_new_tokens).
+    batch_size: most requests per `sampling.sample` call.
+    keep_unfinished: parse replies cut off by max_new_tokens before their closing marker too
+      (by default they count as unparsed: the new prompt is likely cut mid-sentence).
+    mesh: passed to `sampling.sample` (params already placed on it).
+  """
+
+  def __init__(self, config: ModelConfig, params: dict, tokenizer: Tokenizer, *,
+               num_chained: int = 4, depth_prob: float = 0.5,
+               method_weights: Optional[Mapping[str, float]] = None,
+               max_new_tokens: int = 1024, temperature: float = 0.7, top_p: float = 0.9,
+               max_prompt_tokens: Optional[int] = None, batch_size: int = 64,
+               keep_unfinished: bool = False, mesh=None):
+    if config.is_reward_model:
+      raise ValueError("LMEvolver: the creator config is a reward model (num_labels > 0)")
+    self.num_chained = _positive_int("num_chained", num_chained)
+    self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+    self.batch_size = _positive_int("batch_size", batch_size)
+    positions_left = config.max_position_embeddings - self.max_new_tokens
+    if positions_left < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a request in the "
+                       f"creator's max_position_embeddings={config.max_position_embeddings}")
+    if max_prompt_tokens is None:
+      max_prompt_tokens = min(DEFAULT_MAX_PROMPT_TOKENS, positions_left)
+    self.max_prompt_tokens = _positive_int("max_prompt_tokens", max_prompt_tokens)
+    if self.max_prompt_tokens > positions_left:
+      raise ValueError(f"max_prompt_tokens={max_prompt_tokens} + max_new_tokens={max_new_tokens} "
+                       f"exceeds the creator's max_position_embeddings="
+                       f"{config.max_position_embeddings}")
+    if not temperature >= 0 or not 0 < top_p <= 1:
+      raise ValueError(f"need temperature >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+    method_probabilities(depth_prob, method_weights)  # Validates them now, not mid-run.
+    self.depth_prob, self.method_weights = depth_prob, method_weights
+    self.config, self.params, self.tokenizer = config, params, tokenizer
+    self.temperature, self.top_p = float(temperature), float(top_p)
+    self.keep_unfinished = bool(keep_unfinished)
+    self.mesh = mesh
+
+  def _parse(self, reply: str, finished: bool) -> Optional[str]:
+    if not finished and not self.keep_unfinished and creator.PROMPT_CLOSE not in reply:
+      return None
+    return creator.parse_evolved(reply)
+
+  def evolve(self, prompts: Sequence[PromptRecord], *, rng: Any,
+             iteration: int) -> list[creator.Candidate]:
+    """Every step of one chain per prompt -> candidates, chain by chain, step by step.
+
+    `iteration` is unused: the caller's rng already derives from it.
+    """
+    del iteration
+    records = list(prompts)
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+      raise ValueError(f"prompts must have distinct ids, got {ids[:20]}")
+    gen = creator.numpy_rng(rng)
+    plan = plan_chains(len(records), self.num_chained, gen, depth_prob=self.depth_prob,
+                       method_weights=self.method_weights)
+    key = jax.random.key(int(gen.integers(2**32, dtype=np.uint64)))
+    current = [r.text for r in records]
+    alive = list(range(len(records)))
+    candidates: dict[int, list[creator.Candidate]] = collections.defaultdict(list)
+    for step in range(1, self.num_chained + 1):
+      requests, chains, skipped = [], [], []
+      for i in alive:
+        planned = plan[i][step - 1]
+        other = None if planned.other is None else records[planned.other].text
+        request = self.tokenizer.apply_chat_template(
+            creator.render_evolution_request(planned.method, current[i], other))
+        if len(request) > self.max_prompt_tokens:
+          skipped.append((records[i].id, len(request)))
+          continue
+        requests.append(request)
+        chains.append(i)
+      if skipped:
+        log.warning("evolution step %d: skipped %d request(s) longer than max_prompt_tokens=%d "
+                    "(their chains end here): %s", step, len(skipped), self.max_prompt_tokens,
+                    skipped[:10])
+      if not requests:
+        break
+      replies = generate_replies(
+          self.config, self.params, self.tokenizer, requests, rng=jax.random.fold_in(key, step),
+          max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+          batch_size=self.batch_size, mesh=self.mesh)
+      alive, unfinished = [], 0
+      for i, (reply, finished) in zip(chains, replies):
+        text = self._parse(reply, finished)
+        unfinished += not finished
+        candidates[i].append(creator.Candidate(text=text, parent_id=records[i].id,
+                                               method=plan[i][step - 1].method, step=step))
+        if text is not None:
+          current[i] = text
+          alive.append(i)
+      log.info("evolution step %d: %d requests, %d replies parsed, %d hit max_new_tokens=%d",
+               step, len(requests), len(alive), unfinished, self.max_new_tokens)
+    return [cand for i in range(len(records)) for cand in candidates[i]]
+
