@@ -122,9 +122,18 @@ def batch_multiple(mesh: Mesh) -> int:
   return _axis_size(mesh, BATCH_AXES)
 
 
+def put_global(x, sharding: NamedSharding) -> jax.Array:
+  """A host array that every process holds in full, as a global array with `sharding`; each
+  device receives only its slice (works across processes, unlike a plain device_put)."""
+  if isinstance(x, jax.Array):
+    return jax.device_put(x, sharding) if x.is_fully_addressable else x
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def shard_batch(tree, mesh: Mesh):
-  """Places host arrays with their leading axis over data+fsdp (single process)."""
-  return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), tree)
+  """Places host arrays with their leading axis over data+fsdp."""
+  return jax.tree.map(lambda x: put_global(x, batch_sharding(mesh, np.ndim(x))), tree)
 
 
 @contextlib.contextmanager
