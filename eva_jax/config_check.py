@@ -1,0 +1,130 @@
+"""Validation of a run's config before any compute: one clear error naming the field.
+
+Also the workdir lock: the resolved config is saved in the workdir, and a later start with a
+config that would change the results is refused unless `overwrite` is set.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from eva_jax import losses
+
+# Fields that may differ between a run and its restart without changing its results.
+RESUMABLE_FIELDS = ("overwrite", "checkpoint.use_async", "iterations", "mesh.data", "mesh.fsdp",
+                    "mesh.tensor")
+
+_CHOICES = {
+    "tokenizer.kind": ("sentencepiece", "hf"),
+    "model.source": ("tiny", "hf"),
+    "model.family": ("llama", "gemma2", "qwen2"),
+    "model.remat": ("none", "full", "dots"),
+    "data.source": ("synthetic", "jsonl"),
+    "reward.kind": ("synthetic", "neural"),
+    "creator.metric": ("gap", "var", "mean", "maxmean", "loo", "dts", "gap_inv", "mean_inv"),
+    "creator.selection": ("weighted", "greedy", "uniform", "stratified"),
+    "creator.evolver": ("synthetic", "lm"),
+    "train.optimizer": ("adamw", "rmsprop"),
+    "train.logprob_impl": ("auto", "pallas", "chunked", "reference"),
+}
+
+
+def _get(c, dotted: str):
+  for key in dotted.split("."):
+    c = c[key]
+  return c
+
+
+def _fail(field: str, why: str):
+  raise ValueError(f"config field {field}: {why}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field."""
+  for field, choices in _CHOICES.items():
+    value = _get(c, field)
+    if value not in choices:
+      _fail(field, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+  if c.train.loss not in losses.available_losses():
+    _fail("train.loss", f"{c.train.loss!r} is not one of {', '.join(losses.available_losses())}")
+
+  positive = ("iterations", "data.num_prompts", "sampling.max_new_tokens",
+              "sampling.max_prompt_length", "train.epochs", "train.batch_size", "train.grad_accum",
+              "train.num_pairs", "train.max_length", "train.max_prompt_length", "train.beta",
+              "train.learning_rate", "reward.batch_size", "reward.max_length",
+              "eval.max_new_tokens", "checkpoint.keep", "model.hidden_size",
+              "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.head_dim",
+              "model.intermediate_size", "creator.num_evolutions")
+  for field in positive:
+    value = _get(c, field)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+      _fail(field, f"must be a positive number, got {value!r}")
+  if c.sampling.num_samples < 2:
+    _fail("sampling.num_samples", f"must be >= 2 (a reward gap needs two responses), got "
+          f"{c.sampling.num_samples}")
+  for field in ("creator.fraction",):
+    value = _get(c, field)
+    if not 0 < value <= 1:
+      _fail(field, f"must lie in (0, 1], got {value}")
+  for field in ("creator.base_ratio", "train.warmup_ratio", "creator.depth_prob",
+                "creator.max_similarity"):
+    value = _get(c, field)
+    if not 0 <= value <= 1:
+      _fail(field, f"must lie in [0, 1], got {value}")
+  if c.sampling.temperature < 0:
+    _fail("sampling.temperature", f"must be >= 0, got {c.sampling.temperature}")
+  if not 0 < c.sampling.top_p <= 1:
+    _fail("sampling.top_p", f"must lie in (0, 1], got {c.sampling.top_p}")
+  if c.train.max_prompt_length >= c.train.max_length:
+    _fail("train.max_prompt_length", f"({c.train.max_prompt_length}) must be below "
+          f"train.max_length ({c.train.max_length})")
+  if c.model.num_heads % c.model.num_kv_heads:
+    _fail("model.num_heads", f"({c.model.num_heads}) must be a multiple of model.num_kv_heads "
+          f"({c.model.num_kv_heads})")
+  if c.creator.min_tokens > c.creator.max_tokens:
+    _fail("creator.min_tokens", "must not exceed creator.max_tokens")
+  for kind, field in (("hf", "model.path"), ("hf", "tokenizer.path")):
+    source = c.model.source if field == "model.path" else c.tokenizer.kind
+    path = _get(c, field)
+    if source == kind and not os.path.isdir(path):
+      _fail(field, f"checkpoint folder {path!r} does not exist")
+  if c.reward.kind == "neural" and not os.path.isdir(c.reward.path):
+    _fail("reward.path", f"checkpoint folder {c.reward.path!r} does not exist")
+  if c.data.source == "jsonl":
+    if not os.path.isfile(c.data.path):
+      _fail("data.path", f"prompt file {c.data.path!r} does not exist")
+    if os.path.getsize(c.data.path) == 0:
+      _fail("data.path", f"prompt file {c.data.path!r} is empty")
+  if c.data.source == "synthetic" and c.reward.kind != "synthetic":
+    _fail("reward.kind", "synthetic prompts are scored by the synthetic checker")
+  if c.creator.evolver == "synthetic" and c.data.source != "synthetic":
+    _fail("creator.evolver", "the synthetic evolver only rewrites synthetic prompts")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(d, dict):
+    out = {}
+    for k, v in d.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: d}
+
+
+def check_workdir_config(c: ml_collections.ConfigDict, saved_path: str) -> None:
+  """Refuses a workdir whose saved config differs in a field that changes the results."""
+  if not os.path.exists(saved_path) or c.overwrite:
+    return
+  with open(saved_path) as f:
+    saved = _flatten(json.load(f))
+  now = _flatten(json.loads(c.to_json()))
+  changed = sorted(k for k in set(saved) | set(now)
+                   if k not in RESUMABLE_FIELDS and saved.get(k) != now.get(k))
+  if changed:
+    k = changed[0]
+    raise ValueError(
+        f"workdir holds a run with a different config ({k}: {saved.get(k)!r} there, "
+        f"{now.get(k)!r} now{'; and ' + str(len(changed) - 1) + ' more' if len(changed) > 1 else ''}"
+        "); use a new --workdir or pass --config.overwrite=True")

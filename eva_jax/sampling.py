@@ -1,0 +1,436 @@
+"""Solver sampling: a jitted prefill, then a `lax.while_loop` decode over a donated KV cache.
+
+`sample` draws N responses for each of B prompts:
+1. prefill (one jit): the B prompts run once through `models.decode_step`, filling the prompt
+   KV cache; only the last real token of each prompt goes through the LM head.
+2. decode (a second jit; the cache is donated, so the loop updates it in place and never copies
+   it): the first token of every row comes from the prefill logits, then a `lax.while_loop`
+   feeds one token per step (`sampling_step.decode_step`) until `max_new_tokens`, or until every
+   row has emitted one of `eos_ids`. Rows are prompt-major (row b * N + n). The N samples of a
+   prompt read its prompt cache without repeating it; their own tokens go to a per-row cache.
+
+Prompts may be right- or left-padded (or both): positions come from the mask, the last real
+token is each row's rightmost masked token, and padded slots are never attended. Prompt widths
+and batch sizes are bucketed to powers of two so a run compiles a bounded number of times.
+
+Token selection is exact: the token is drawn from the softmax of logits / temperature restricted
+to the top-k and then to the top-p nucleus, renormalised. The nucleus is the set of tokens whose
+strictly-more-probable tokens carry less than `top_p` of the mass (transformers' rule; tokens tied
+at the boundary are kept or dropped together). Sorting the vocabulary for top-p is avoided (see
+`_sample_vocab`). Returned log-probs are of the *unmodified* model distribution (temperature 1,
+no truncation): `log_softmax(forward(prompt + response))` read at each sampled token.
+
+Axis letters: B prompts (or rows of a selection), P prompt width, N samples per prompt,
+R = B * N decode rows, T new tokens, V vocabulary, C blocks of W vocabulary entries; in the
+top-k path K is the k candidates.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eva_jax import models, sampling_step, sharding
+from eva_jax.models.config import ModelConfig
+
+# Traces of each jitted stage; a test reads it to check the bucketing bounds recompiles.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+_BLOCK = 128  # Vocabulary block of the two-level inverse-CDF draw.
+_MAX_EOS = 8  # eos ids are padded to this many so their number does not recompile.
+_MIN_PROMPT_BUCKET = 8
+
+
+class SampleOutput(NamedTuple):
+  """N responses per prompt. B prompts, N samples, T = max_new_tokens.
+
+  tokens: int32 [B, N, T], generated tokens only; after an eos (which is kept) the pad id.
+  lengths: int32 [B, N], generated tokens including the eos.
+  logprobs: float32 [B, N, T], log-prob (nats) of each token under the model at temperature 1,
+    without top-k/top-p; 0 at padded positions.
+  finished: bool [B, N], True where the response ended with an eos id.
+  """
+  tokens: jax.Array
+  lengths: jax.Array
+  logprobs: jax.Array
+  finished: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Token selection
+
+
+def _inverse_cdf(weights_BxN: jax.Array, u_B: jax.Array) -> jax.Array:
+  """Index drawn with probability weights / sum(weights), given uniforms in [0, 1).
+
+  The first index with positive weight whose cumulative sum exceeds u * total, so rounding can
+  never pick a zero-weight index (the last positive index if rounding overshoots the end).
+  """
+  n = weights_BxN.shape[-1]
+  cum_BxN = jnp.cumsum(weights_BxN, axis=-1)
+  target_B = u_B * cum_BxN[:, -1]
+  hit_BxN = (cum_BxN > target_B[:, None]) & (weights_BxN > 0)
+  last_positive_B = n - 1 - jnp.argmax(weights_BxN[:, ::-1] > 0, axis=-1)
+  return jnp.where(hit_BxN.any(-1), jnp.argmax(hit_BxN, axis=-1), last_positive_B)
+
+
+def _uniforms(keys_B: jax.Array, step, count: int) -> jax.Array:
+  """[B, count] uniforms in [0, 1), one independent stream per row and step."""
+  return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (count,)))(keys_B)
+
+
+def _sample_vocab(logits_BxV: jax.Array, keys_B: jax.Array, temperature, top_p,
+                    nucleus: bool) -> jax.Array:
+  """Exact draw from softmax(logits / temperature), restricted to the top-p nucleus if `nucleus`.
+
+  C blocks of W = 128 tokens. Without sorting: adaptive rejection sampling. Each round draws a candidate c from the
+  weights e = exp((logits - max) / temperature) restricted to {e > lam} (lam = -1 at first), by
+  a two-level inverse CDF (blocks of 128 tokens, then within the block). c is in the nucleus iff
+  M(c) = sum(e[e > e_c]) < top_p * sum(e). If not, every nucleus token has e > e_c, so the next
+  round restricts to {e > e_c}: the proposal is always the target distribution restricted to a
+  superset of the nucleus, so an accepted draw has exactly the nucleus distribution. The
+  support strictly shrinks on every rejection, so the loop ends; the acceptance rate starts at
+  >= top_p and rises. One pass over [B, V] per round computes the block sums of e[e > e_c], which
+  give both M(c) and the next round's proposal.
+  """
+  b, v = logits_BxV.shape
+  num_blocks = -(-v // _BLOCK)
+  scaled_BxV = logits_BxV / temperature
+  e_BxV = jnp.exp(scaled_BxV - scaled_BxV.max(axis=-1, keepdims=True))
+  e_BxCxW = jnp.pad(e_BxV, ((0, 0), (0, num_blocks * _BLOCK - v))).reshape(b, num_blocks, _BLOCK)
+  block_mass_BxC = e_BxCxW.sum(-1)
+  rows = jnp.arange(b)
+
+  def draw(block_mass_BxC, lam_B, step):
+    u_Bx2 = _uniforms(keys_B, step, 2)
+    block_B = _inverse_cdf(block_mass_BxC, u_Bx2[:, 0])
+    e_BxW = e_BxCxW[rows, block_B]
+    within_B = _inverse_cdf(jnp.where(e_BxW > lam_B[:, None], e_BxW, 0.0), u_Bx2[:, 1])
+    return block_B * _BLOCK + within_B, e_BxW[rows, within_B]
+
+  lam0_B = jnp.full((b,), -1.0, e_BxV.dtype)
+  if not nucleus:
+    return draw(block_mass_BxC, lam0_B, 0)[0]
+  threshold_B = top_p * block_mass_BxC.sum(-1)
+
+  def body(state):
+    step, token_B, accepted_B, block_mass_BxC, lam_B = state
+    cand_B, e_cand_B = draw(block_mass_BxC, lam_B, step)
+    above_BxC = jnp.where(e_BxCxW > e_cand_B[:, None, None], e_BxCxW, 0.0).sum(-1)
+    ok_B = above_BxC.sum(-1) < threshold_B
+    token_B = jnp.where(~accepted_B & ok_B, cand_B, token_B)
+    rejected_B = ~accepted_B & ~ok_B
+    block_mass_BxC = jnp.where(rejected_B[:, None], above_BxC, block_mass_BxC)
+    lam_B = jnp.where(rejected_B, e_cand_B, lam_B)
+    return step + 1, token_B, accepted_B | ok_B, block_mass_BxC, lam_B
+
+  state = (0, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), block_mass_BxC, lam0_B)
+  return jax.lax.while_loop(lambda s: ~s[2].all(), body, state)[1]
+
+
+def _sample_top_k(logits_BxV: jax.Array, keys_B: jax.Array, temperature, top_p, top_k: int,
+                  nucleus: bool) -> jax.Array:
+  """Exact draw from the k most likely tokens (then their top-p nucleus), renormalised.
+
+  `lax.top_k` returns the k largest logits sorted; among logits tied at the k-th value it keeps
+  the lowest ids. The nucleus is then exact on those k sorted values.
+  """
+  values_BxK, ids_BxK = jax.lax.top_k(logits_BxV, top_k)
+  e_BxK = jnp.exp((values_BxK - values_BxK[:, :1]) / temperature)
+  if nucleus:
+    above_BxK = jnp.where(values_BxK[:, None, :] > values_BxK[:, :, None], e_BxK[:, None, :],
+                          0.0).sum(-1)
+    e_BxK = jnp.where(above_BxK < top_p * e_BxK.sum(-1, keepdims=True), e_BxK, 0.0)
+  pick_B = _inverse_cdf(e_BxK, _uniforms(keys_B, 0, 1)[:, 0])
+  return jnp.take_along_axis(ids_BxK, pick_B[:, None], axis=-1)[:, 0]
+
+
+def _select(logits_BxV, keys_B, temperature, top_p, *, top_k: int, greedy: bool,
+            nucleus: bool):
+  """(tokens int32 [B], temperature-1 log-probs float32 [B]); the flags are static."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  if greedy:
+    token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  elif top_k:
+    token_B = _sample_top_k(logits_BxV, keys_B, temperature, top_p, top_k, nucleus)
+  else:
+    token_B = _sample_vocab(logits_BxV, keys_B, temperature, top_p, nucleus)
+  token_B = token_B.astype(jnp.int32)
+  picked_B = jnp.take_along_axis(logits_BxV, token_B[:, None], axis=-1)[:, 0]
+  return token_B, picked_B - jax.nn.logsumexp(logits_BxV, axis=-1)
+
+
+def _static_flags(vocab_size: int, temperature: float, top_p: float, top_k: int,
+                  greedy: bool) -> dict:
+  greedy = bool(greedy or temperature == 0)
+  return dict(greedy=greedy, top_k=0 if greedy or top_k >= vocab_size else int(top_k),
+              nucleus=not greedy and top_p < 1.0)
+
+
+def select_tokens(logits_BxV: jax.Array, keys_B: jax.Array, *, temperature: float = 1.0,
+                  top_p: float = 1.0, top_k: int = 0, greedy: bool = False):
+  """One token per row -> (tokens int32 [B], log-probs float32 [B] at temperature 1).
+
+  `keys_B` holds one PRNG key per row. Greedy (or temperature 0) takes the argmax; otherwise the
+  draw is exact from softmax(logits / temperature) truncated to the top-k, then to the top-p
+  nucleus, and renormalised. top_k=0 and top_p=1 switch those filters off.
+  """
+  _check_sampling_args(temperature, top_p, top_k)
+  flags = _static_flags(logits_BxV.shape[-1], temperature, top_p, top_k, greedy)
+  return _select(logits_BxV, keys_B, jnp.float32(temperature if temperature > 0 else 1.0),
+                 jnp.float32(top_p), **flags)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill and decode
+
+
+def _cache_sharding(shape, mesh):
+  return sharding.logical_to_sharding(
+      shape, ("layers", "act_batch", "act_kv_heads", "act_len", "head_dim"), mesh)
+
+
+def _on_batch(x: jax.Array, mesh) -> jax.Array:
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.ndim))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_samples", "max_new_tokens",
+                                             "cache_dtype", "mesh"))
+def _prefill(config: ModelConfig, params: dict, prompts_BxP: jax.Array, mask_BxP: jax.Array, *,
+             num_samples: int, max_new_tokens: int, cache_dtype, mesh):
+  """Runs the prompts once -> (cache, last-token logits [B, V]).
+
+  cache: {"prompt": [L, B, K, P, E] filled, "generated": [L, B*N, K, max(T-1, 1), E] empty}
+  (see `sampling_step`); the last generated token needs no slot.
+  """
+  TRACE_COUNTS["prefill"] += 1
+  b, p = prompts_BxP.shape
+  valid_BxP = mask_BxP.astype(bool)
+  positions_BxP = models.positions_from_mask(mask_BxP)
+  prompt_cache = models.init_cache(config, b, p, cache_dtype)
+  hidden_BxPxD, prompt_cache = models.decode_step(config, params, prompts_BxP, positions_BxP,
+                                                  prompt_cache, 0, positions_BxP, valid_BxP)
+  last_B = p - 1 - jnp.argmax(valid_BxP[:, ::-1], axis=-1)
+  hidden_BxD = jnp.take_along_axis(hidden_BxPxD, last_B[:, None, None], axis=1)[:, 0]
+  logits_BxV = models.logits_from_hidden(config, params, hidden_BxD)
+  prompt_cache = jax.tree.map(lambda c: jnp.swapaxes(c, 2, 3), prompt_cache)
+  cache = {"prompt": prompt_cache, "generated": sampling_step.init_generated_cache(
+      config, b * num_samples, max(max_new_tokens - 1, 1), cache_dtype)}
+  if mesh is not None:
+    cache = jax.tree.map(
+        lambda c: jax.lax.with_sharding_constraint(c, _cache_sharding(c.shape, mesh)), cache)
+  return cache, _on_batch(logits_BxV, mesh)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",), static_argnames=(
+    "config", "num_samples", "max_new_tokens", "pad_id", "top_k", "greedy", "nucleus", "mesh"))
+def _decode(config: ModelConfig, params: dict, cache: dict, logits_BxV: jax.Array,
+            mask_BxP: jax.Array, active_B: jax.Array, eos_E: jax.Array, rng: jax.Array,
+            temperature: jax.Array, top_p: jax.Array, *, num_samples: int, max_new_tokens: int,
+            pad_id: int, top_k: int, greedy: bool, nucleus: bool, mesh):
+  """The decode loop over B * N rows -> (tokens [R, T], logprobs [R, T], lengths [R], finished
+  [R]), R = B * N rows prompt-major, and the final cache.
+
+  The cache is returned only so that the donated input buffer is aliased to an output: the
+  loop then updates it in place instead of copying it into the loop state.
+  """
+  TRACE_COUNTS["decode"] += 1
+  n, t = num_samples, max_new_tokens
+  b = mask_BxP.shape[0]
+  r = b * n
+  select = functools.partial(_select, temperature=temperature, top_p=top_p, top_k=top_k,
+                             greedy=greedy, nucleus=nucleus)
+  # One key per (prompt, sample) row, so a row's draws do not depend on the batch padding.
+  row_keys_R = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(r))
+  step_keys = lambda i: jax.vmap(lambda k: jax.random.fold_in(k, i))(row_keys_R)
+  prompt_len_R = jnp.repeat(mask_BxP.astype(jnp.int32).sum(-1), n)
+  prompt_positions_BxP = models.positions_from_mask(mask_BxP)
+  prompt_valid_BxP = mask_BxP.astype(bool)
+  eos_E = eos_E.astype(jnp.int32)
+
+  def record(i, token_R, logprob_R, state):
+    tokens_RxT, logprobs_RxT, lengths_R, done_R = state
+    token_R = jnp.where(done_R, pad_id, token_R)
+    tokens_RxT = jax.lax.dynamic_update_slice(tokens_RxT, token_R[:, None], (0, i))
+    logprobs_RxT = jax.lax.dynamic_update_slice(
+        logprobs_RxT, jnp.where(done_R, 0.0, logprob_R)[:, None], (0, i))
+    lengths_R = lengths_R + (~done_R).astype(jnp.int32)
+    done_R = done_R | (token_R[:, None] == eos_E[None, :]).any(-1)
+    return tokens_RxT, logprobs_RxT, lengths_R, done_R
+
+  first_R, first_lp_R = select(jnp.repeat(logits_BxV, n, axis=0), step_keys(0))
+  out = (jnp.full((r, t), pad_id, jnp.int32), jnp.zeros((r, t), jnp.float32),
+         jnp.zeros((r,), jnp.int32), ~jnp.repeat(active_B, n))
+  out = record(0, _on_batch(first_R, mesh), first_lp_R, out)
+
+  def body(state):
+    i, cache, prev_R, out = state
+    # Token i - 1 goes in; its keys/values land in generated slot i - 1.
+    hidden_RxD, new_kv = sampling_step.decode_step(
+        config, params, prev_R, prompt_len_R + i - 1, cache["prompt"], prompt_positions_BxP,
+        prompt_valid_BxP, cache["generated"], i - 1)
+    cache = dict(cache, generated=jax.tree.map(
+        lambda c, kv: jax.lax.dynamic_update_slice(c, kv[:, :, :, None], (0, 0, 0, i - 1, 0)),
+        cache["generated"], new_kv))
+    logits_RxV = models.logits_from_hidden(config, params, hidden_RxD)
+    token_R, logprob_R = select(logits_RxV, step_keys(i))
+    return i + 1, cache, token_R, record(i, token_R, logprob_R, out)
+
+  def cond(state):
+    return (state[0] < t) & ~state[3][3].all()
+
+  _, cache, _, (tokens_RxT, logprobs_RxT, lengths_R, done_R) = jax.lax.while_loop(
+      cond, body, (1, cache, out[0][:, 0], out))
+  return (tokens_RxT, logprobs_RxT, lengths_R, done_R & jnp.repeat(active_B, n)), cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: validation, bucketing, placement
+
+
+def _check_sampling_args(temperature, top_p, top_k) -> None:
+  if not temperature >= 0:  # Also rejects NaN.
+    raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"sample: top_p must lie in (0, 1], got {top_p}")
+  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    raise ValueError(f"sample: top_k must be an int >= 0 (0 = off), got {top_k!r}")
+
+
+def _bucket(n: int, minimum: int = 1, multiple: int = 1) -> int:
+  """The next power of two >= n (and >= minimum), rounded up to a multiple of `multiple`."""
+  size = max(minimum, 1 << max(n - 1, 0).bit_length())
+  return -(-size // multiple) * multiple
+
+
+def _host_prompts(config: ModelConfig, prompts, prompt_mask, max_new_tokens: int):
+  """Validated int32 prompts and mask, trimmed to the columns that hold real tokens."""
+  tokens_BxP = np.asarray(prompts)
+  mask_BxP = np.asarray(prompt_mask)
+  if tokens_BxP.ndim != 2 or not np.issubdtype(tokens_BxP.dtype, np.integer):
+    raise ValueError(f"sample: prompts must be an integer array [B, T], got shape "
+                     f"{tokens_BxP.shape} dtype {tokens_BxP.dtype}")
+  if mask_BxP.shape != tokens_BxP.shape:
+    raise ValueError(f"sample: prompt_mask shape {mask_BxP.shape} != prompts shape "
+                     f"{tokens_BxP.shape}")
+  if tokens_BxP.shape[0] == 0:
+    raise ValueError("sample: no prompts (batch size 0)")
+  mask_BxP = mask_BxP.astype(bool)
+  lengths_B = mask_BxP.sum(-1)
+  if (lengths_B == 0).any():
+    raise ValueError(f"sample: prompt row {int(np.argmin(lengths_B))} is empty (its mask is "
+                     "all 0)")
+  real = tokens_BxP[mask_BxP]
+  if real.min() < 0 or real.max() >= config.vocab_size:
+    raise ValueError(f"sample: prompt token ids must lie in [0, {config.vocab_size}), got "
+                     f"{real.min()}..{real.max()}")
+  longest = int(lengths_B.max())
+  if longest + max_new_tokens > config.max_position_embeddings:
+    raise ValueError(
+        f"sample: prompt row {int(np.argmax(lengths_B))} has {longest} tokens; with "
+        f"max_new_tokens={max_new_tokens} it needs {longest + max_new_tokens} positions but "
+        f"the model has max_position_embeddings={config.max_position_embeddings}")
+  # Left, right or mixed padding: keep only columns where some row has a real token.
+  columns = np.flatnonzero(mask_BxP.any(0))
+  keep = slice(columns[0], columns[-1] + 1)
+  return tokens_BxP[:, keep].astype(np.int32), mask_BxP[:, keep]
+
+
+def sample(config: ModelConfig, params: dict, prompts, prompt_mask, *, rng: jax.Array,
+           num_samples: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+           top_k: int = 0, eos_ids: Optional[Sequence[int]] = None, greedy: bool = False,
+           cache_dtype=None, mesh=None) -> SampleOutput:
+  """Draws `num_samples` responses per prompt; see the module docstring and `SampleOutput`.
+
+  prompts: int [B, P] token ids, padded on either side; prompt_mask: [B, P], 1 on real tokens
+  (host arrays: they are validated and bucketed on the host).
+  rng: a PRNG key; the same key gives the same output.
+  eos_ids: ids that end a response (default: config.eos_token_ids; () never stops early).
+  greedy, or temperature 0: argmax decoding. top_k=0 / top_p=1 switch those filters off.
+  cache_dtype: the KV cache dtype (default: the model's compute dtype).
+  mesh: shard the batch over its data/fsdp axes (params should already be placed, e.g. by
+    `hf.load(..., mesh=mesh)`).
+
+  Compiles once per (prompt-width bucket, batch bucket, num_samples, max_new_tokens, top_k,
+  greedy, top_p < 1) combination; temperature and top_p values do not recompile.
+  """
+  if config.is_reward_model:
+    raise ValueError("sample: config is a reward model (num_labels > 0); it has no LM head")
+  if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) \
+      or num_samples < 1:
+    raise ValueError(f"sample: num_samples must be an int >= 1, got {num_samples!r}")
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+      or max_new_tokens < 1:
+    raise ValueError(f"sample: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+  _check_sampling_args(temperature, top_p, top_k)
+  eos = tuple(int(i) for i in (config.eos_token_ids if eos_ids is None else eos_ids))
+  if len(eos) > _MAX_EOS or any(not 0 <= i < config.vocab_size for i in eos):
+    raise ValueError(f"sample: eos_ids must be at most {_MAX_EOS} ids in [0, "
+                     f"{config.vocab_size}), got {eos}")
+  tokens_BxP, mask_BxP = _host_prompts(config, prompts, prompt_mask, max_new_tokens)
+
+  b, p = tokens_BxP.shape
+  multiple = 1 if mesh is None else sharding.batch_multiple(mesh)
+  bb, pb = _bucket(b, 1, multiple), _bucket(p, _MIN_PROMPT_BUCKET)
+  # Padding rows are one-token prompts marked inactive (done from the start).
+  tokens = np.zeros((bb, pb), np.int32)
+  mask = np.zeros((bb, pb), np.int32)
+  tokens[:b, :p], mask[:b, :p], mask[b:, 0] = tokens_BxP, mask_BxP, 1
+  active = np.arange(bb) < b
+  eos_E = np.full((_MAX_EOS,), -1, np.int32)
+  eos_E[:len(eos)] = eos
+  if mesh is not None:
+    tokens, mask, active = sharding.shard_batch((tokens, mask, active), mesh)
+  flags = _static_flags(config.vocab_size, temperature, top_p, top_k, greedy)
+  pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+  ctx = sharding.activation_rules(mesh) if mesh is not None else contextlib.nullcontext()
+  with ctx:
+    cache, logits_BxV = _prefill(config, params, tokens, mask, num_samples=num_samples,
+                                 max_new_tokens=max_new_tokens,
+                                 cache_dtype=jnp.dtype(cache_dtype or config.dtype).name,
+                                 mesh=mesh)
+    out, _ = _decode(config, params, cache, logits_BxV, mask, active, eos_E, rng,
+                  jnp.float32(temperature if temperature > 0 else 1.0), jnp.float32(top_p),
+                  num_samples=num_samples, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                  mesh=mesh, **flags)
+  tokens_RxT, logprobs_RxT, lengths_R, finished_R = (x[:b * num_samples] for x in out)
+  n, t = num_samples, max_new_tokens
+  return SampleOutput(tokens=tokens_RxT.reshape(b, n, t), lengths=lengths_R.reshape(b, n),
+                      logprobs=logprobs_RxT.reshape(b, n, t), finished=finished_R.reshape(b, n))
+
+
+def sample_texts(config: ModelConfig, params: dict, tokenizer, prompts: Sequence[str], *,
+                 rng: jax.Array, num_samples: int, max_new_tokens: int,
+                 eos_ids: Optional[Sequence[int]] = None, **kwargs) -> list[list[str]]:
+  """Chat-templated text prompts -> `num_samples` decoded responses per prompt.
+
+  tokenizer: anything with `apply_chat_template(text, add_generation_prompt=True) -> ids`,
+  `decode(ids) -> str`, `eos_ids` and `pad_id` (e.g. `eva_jax.models.tokenizer.Tokenizer`).
+  eos_ids defaults to the tokenizer's; the stop token is not part of the returned text.
+  Other keyword arguments go to `sample` (temperature, top_p, top_k, greedy, mesh, ...).
+  """
+  if isinstance(prompts, str) or not len(prompts):
+    raise ValueError("sample_texts: prompts must be a non-empty list of strings")
+  ids = []
+  for index, text in enumerate(prompts):
+    if not isinstance(text, str) or not text:
+      raise ValueError(f"sample_texts: prompt {index} is empty or not a string: {text!r}")
+    ids.append(list(tokenizer.apply_chat_template(text, add_generation_prompt=True)))
+  tokens_BxP = np.full((len(ids), max(map(len, ids))), tokenizer.pad_id, np.int32)
+  mask_BxP = np.zeros_like(tokens_BxP)
+  for row, seq in enumerate(ids):
+    tokens_BxP[row, :len(seq)], mask_BxP[row, :len(seq)] = seq, 1
+  out = jax.device_get(sample(
+      config, params, tokens_BxP, mask_BxP, rng=rng, num_samples=num_samples,
+      max_new_tokens=max_new_tokens,
+      eos_ids=tokenizer.eos_ids if eos_ids is None else eos_ids, **kwargs))
+  text_ends = out.lengths - out.finished  # Drop the eos token itself.
+  return [[tokenizer.decode(out.tokens[b, n, :text_ends[b, n]]) for n in range(num_samples)]
+          for b in range(len(ids))]

@@ -1,0 +1,310 @@
+"""The sampler against transformers' greedy `generate`, a teacher-forced forward, and NumPy's
+truncated softmax; determinism, bucketing, sharding and bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from eva_jax import models, sampling, sharding  # noqa: E402
+from eva_jax.models import hf  # noqa: E402
+from tests import hf_fixtures  # noqa: E402
+
+FAMILIES = ["llama", "gemma2", "qwen2"]
+# Gemma's fixture window is 5: the long prompts and the generation cross it.
+PROMPT_LENGTHS = [9, 4, 6]
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request, tmp_path_factory):
+  family = request.param
+  model = hf_fixtures.torch_model(family)
+  path = hf_fixtures.save_torch_model(model, str(tmp_path_factory.mktemp(family)))
+  config, params = hf.load(path)
+  return family, model, config, params
+
+
+def _hf_greedy(model, tokens_left, mask_left, eos):
+  """transformers' greedy generation -> generated ids [B, NEW_TOKENS], 0 after an eos."""
+  model.generation_config.eos_token_id = eos
+  with torch.no_grad():
+    out = model.generate(input_ids=torch.tensor(tokens_left, dtype=torch.long),
+                         attention_mask=torch.tensor(mask_left, dtype=torch.long),
+                         do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=0)
+  gen = out[:, tokens_left.shape[1]:].numpy()
+  return np.pad(gen, ((0, 0), (0, NEW_TOKENS - gen.shape[1])))  # It stops once all rows end.
+
+
+def test_greedy_matches_transformers_generate(family_model):
+  family, model, config, params = family_model
+  tokens, mask = hf_fixtures.ragged_batch(PROMPT_LENGTHS, 12, seed=3)
+  left, left_mask = hf_fixtures.ragged_batch(PROMPT_LENGTHS, 12, seed=3, side="left")
+  free = _hf_greedy(model, left, left_mask, eos=None)
+  # Two stop ids: row 0's third token, so row 0 stops early; and row 2's sixth token unless
+  # that id already occurs earlier somewhere (then it is just a second id that may trigger).
+  eos = [int(free[0, 2]), int(free[2, 5])]
+  want = _hf_greedy(model, left, left_mask, eos=eos)
+  out = sampling.sample(config, params, tokens, mask, rng=jax.random.key(0), num_samples=2,
+                        max_new_tokens=NEW_TOKENS, eos_ids=eos, greedy=True)
+  got = np.asarray(out.tokens)
+  for n in range(2):
+    np.testing.assert_array_equal(got[:, n], want, err_msg=f"{family} sample {n}")
+  hit = np.isin(want, eos)
+  first = np.where(hit.any(1), hit.argmax(1) + 1, NEW_TOKENS)
+  np.testing.assert_array_equal(np.asarray(out.lengths), np.stack([first, first], 1))
+  np.testing.assert_array_equal(np.asarray(out.finished), np.stack([hit.any(1)] * 2, 1))
+  assert first[0] <= 3  # The early stop really happened.
+
+
+def _teacher_forced_logprobs(config, params, tokens, mask, out):
+  """log_softmax(forward(prompt + response)) at the response tokens -> [B, N, T]."""
+  b, n, t = out.tokens.shape
+  lengths = np.asarray(out.lengths)
+  gen = np.asarray(out.tokens)
+  width = mask.sum(1).max() + t
+  seqs = np.zeros((b, n, width), np.int32)
+  seq_mask = np.zeros_like(seqs)
+  for i in range(b):
+    prompt = tokens[i][mask[i].astype(bool)]
+    for j in range(n):
+      seq = np.concatenate([prompt, gen[i, j, :lengths[i, j]]])
+      seqs[i, j, :len(seq)], seq_mask[i, j, :len(seq)] = seq, 1
+  logits = jax.jit(models.forward, static_argnums=0)(
+      config, params, seqs.reshape(b * n, width), seq_mask.reshape(b * n, width))
+  logp = np.asarray(jax.nn.log_softmax(logits, -1)).reshape(b, n, width, -1)
+  want = np.zeros((b, n, t), np.float32)
+  for i in range(b):
+    start = int(mask[i].sum())
+    for j in range(n):
+      steps = np.arange(lengths[i, j])
+      want[i, j, steps] = logp[i, j, start - 1 + steps, seqs[i, j, start + steps]]
+  return want
+
+
+_init = jax.jit(models.init_params, static_argnums=0)
+
+
+@pytest.fixture(scope="module")
+def llama():
+  config = models.tiny("llama", eos_token_ids=(5,))
+  return config, _init(config, jax.random.key(3))
+
+
+# The llama tests below share these shapes (batch bucket 4, prompt bucket 16) and so their
+# compiles.
+SHARED = dict(num_samples=2, max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def gemma():
+  """Window 5: the prompts (up to 12 tokens) and their continuations cross it."""
+  config = models.tiny("gemma2", sliding_window=5)
+  return config, _init(config, jax.random.key(1))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_logprobs_equal_teacher_forced_forward(family, llama, gemma):
+  config, params = llama if family == "llama" else gemma
+  # Left-padded prompts: accepted as well as right-padded ones.
+  tokens, mask = hf_fixtures.ragged_batch([12, 3, 7], 12, seed=4, side="left")
+  out = sampling.sample(config, params, tokens, mask, rng=jax.random.key(2), temperature=0.8,
+                        top_p=0.95, eos_ids=(7, 11, 13), **SHARED)
+  want = _teacher_forced_logprobs(config, params, tokens, mask, out)
+  np.testing.assert_allclose(np.asarray(out.logprobs), want, atol=1e-4, rtol=0)
+  gen = np.asarray(out.tokens)
+  # The samples of a prompt differ (they share the prompt cache, not their draws).
+  assert all((gen[i, 0] != gen[i, 1]).any() for i in range(3))
+  steps = np.arange(SHARED["max_new_tokens"])
+  after_end = steps[None, None] >= np.asarray(out.lengths)[..., None]
+  assert (gen[after_end] == 0).all()
+
+
+# --- token selection: empirical frequencies vs NumPy's truncated, renormalised softmax ---
+
+
+def _reference_probs(logits, temperature, top_k, top_p):
+  """transformers' rule in float64: top-k, then keep tokens whose more-probable mass < top_p."""
+  z = logits.astype(np.float64) / temperature
+  order = np.argsort(-z, kind="stable")
+  keep = np.zeros(len(z), bool)
+  keep[order[:top_k or len(z)]] = True
+  p = np.where(keep, np.exp(z - z.max()), 0.0)
+  p /= p.sum()
+  above = np.cumsum(p[order]) - p[order]
+  if top_p < 1:
+    assert np.abs(above - top_p).min() > 1e-5, "a boundary too close to top_p for a clean test"
+    p[order[above >= top_p]] = 0.0
+  return p / p.sum()
+
+
+def _draw(logits, draws, seed, **kw):
+  keys = jax.random.split(jax.random.key(seed), draws)
+  fn = jax.jit(lambda l, k: sampling.select_tokens(l, k, **kw))
+  tokens, logprobs = fn(jnp.broadcast_to(jnp.asarray(logits), (draws, len(logits))), keys)
+  return np.asarray(tokens), np.asarray(logprobs)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.8, 0, 0.6), (1.3, 4, 1.0), (0.7, 6, 0.75)])
+def test_selection_frequencies_match_truncated_softmax(temperature, top_k, top_p):
+  logits = np.random.default_rng(0).normal(0, 1.5, 16).astype(np.float32)
+  want = _reference_probs(logits, temperature, top_k, top_p)
+  draws = 40_000
+  tokens, logprobs = _draw(logits, draws, seed=5, temperature=temperature, top_p=top_p,
+                           top_k=top_k)
+  counts = np.bincount(tokens, minlength=len(logits))
+  assert counts[want == 0].sum() == 0  # Never outside the top-k / nucleus.
+  # Every bin within 5 standard deviations of its binomial count (fixed seed).
+  sd = np.sqrt(draws * want * (1 - want))
+  assert (np.abs(counts - draws * want) <= 5 * sd + 1e-9).all(), (counts, draws * want)
+  # Log-probs are of the untouched distribution (temperature 1, no truncation).
+  np.testing.assert_allclose(logprobs, jax.nn.log_softmax(logits)[tokens], atol=1e-5)
+
+
+@pytest.mark.parametrize("top_p", [0.9, 0.05])
+def test_nucleus_on_a_large_vocabulary(top_p):
+  """A flat 1000-token distribution: many 128-token blocks, and at top_p 0.05 many rejection
+  rounds. Chi-square over the nucleus, Wilson-Hilferty z below 4."""
+  logits = np.random.default_rng(1).normal(0, 0.5, 1000).astype(np.float32)
+  want = _reference_probs(logits, 1.0, 0, top_p)
+  draws = 10_000
+  tokens, _ = _draw(logits, draws, seed=6, temperature=1.0, top_p=top_p)
+  counts = np.bincount(tokens, minlength=len(logits))
+  kept = want > 0
+  assert counts[~kept].sum() == 0
+  expected = draws * want[kept]
+  assert expected.min() >= 5  # Chi-square is valid.
+  k = kept.sum() - 1
+  chi2 = ((counts[kept] - expected) ** 2 / expected).sum()
+  z = ((chi2 / k) ** (1 / 3) - (1 - 2 / (9 * k))) / np.sqrt(2 / (9 * k))
+  assert z < 4, (chi2, k)
+
+
+# --- determinism, temperature 0, bucketing, sharding ---
+
+
+def test_same_rng_same_output_and_cold_limit_is_greedy(llama):
+  config, params = llama
+  tokens, mask = hf_fixtures.ragged_batch([5, 12, 2], 12, seed=7)
+  kw = dict(top_p=0.9, **SHARED)
+  a = sampling.sample(config, params, tokens, mask, rng=jax.random.key(4), **kw)
+  b = sampling.sample(config, params, tokens, mask, rng=jax.random.key(4), **kw)
+  c = sampling.sample(config, params, tokens, mask, rng=jax.random.key(5), **kw)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert not np.array_equal(a.tokens, c.tokens)
+  greedy = sampling.sample(config, params, tokens, mask, rng=jax.random.key(4), greedy=True,
+                           **kw)
+  zero = sampling.sample(config, params, tokens, mask, rng=jax.random.key(4), temperature=0.0,
+                         **kw)
+  # A tiny temperature runs the sampling path, whose limit is the argmax.
+  cold = sampling.sample(config, params, tokens, mask, rng=jax.random.key(4), temperature=1e-4,
+                         **kw)
+  for other in (zero, cold):
+    jax.tree.map(np.testing.assert_array_equal, greedy, other)
+
+
+def test_buckets_bound_the_number_of_compiles(llama):
+  config, params = llama
+  kw = dict(rng=jax.random.key(0), top_p=0.8, **SHARED)
+  tokens, mask = hf_fixtures.ragged_batch([10, 3, 16], 16, seed=8)
+  first = sampling.sample(config, params, tokens, mask, temperature=0.9, **kw)
+  before = dict(sampling.TRACE_COUNTS)
+  # Other widths, batch sizes (3 and 4 share a bucket), padding sides and temperatures.
+  left, left_mask = hf_fixtures.ragged_batch([10, 3, 16], 16, seed=8, side="left")
+  again = sampling.sample(config, params, left, left_mask, temperature=0.9, **kw)
+  for lengths, width in [([9, 12, 4, 11], 12), ([7, 9, 3], 9)]:
+    t, m = hf_fixtures.ragged_batch(lengths, width, seed=9)
+    sampling.sample(config, params, t, m, temperature=0.5, **kw)
+  assert dict(sampling.TRACE_COUNTS) == before
+  jax.tree.map(np.testing.assert_array_equal, first, again)  # Left padding == right padding.
+
+
+def test_sharded_greedy_matches_unsharded(gemma):
+  config, params = gemma
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  placed = jax.device_put(params, sharding.param_shardings(config, mesh))
+  tokens, mask = hf_fixtures.ragged_batch([12, 3, 7], 12, seed=10)
+  kw = dict(rng=jax.random.key(0), eos_ids=[], greedy=True, **SHARED)
+  want = sampling.sample(config, params, tokens, mask, **kw)
+  got = sampling.sample(config, placed, tokens, mask, mesh=mesh, **kw)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+  assert len(got.tokens.sharding.device_set) == 8
+
+
+def test_decode_cache_is_donated(llama):
+  config, params = llama
+  tokens = jnp.ones((4, 16), jnp.int32)  # The shared shapes: no new compile.
+  mask = jnp.ones((4, 16), jnp.int32)
+  cache, logits = sampling._prefill(config, params, tokens, mask, cache_dtype="float32",
+                                    mesh=None, **SHARED)
+  sampling._decode(config, params, cache, logits, mask, jnp.ones(4, bool),
+                   jnp.full((8,), -1, jnp.int32), jax.random.key(0), jnp.float32(1.0),
+                   jnp.float32(1.0), pad_id=0, top_k=0, greedy=True, nucleus=False, mesh=None,
+                   **SHARED)
+  assert all(x.is_deleted() for x in jax.tree.leaves(cache))
+
+
+# --- the text helper ---
+
+
+class _CharTokenizer:
+  """Stand-in for the tokenizer wrapper: one id per character, a two-token chat template."""
+  eos_ids = (5,)
+  pad_id = 0
+
+  def apply_chat_template(self, prompt, add_generation_prompt=True):
+    assert add_generation_prompt
+    return [1] + [32 + ord(c) % 200 for c in prompt] + [2]
+
+  def decode(self, ids):
+    return "".join(chr(int(i) + 40) for i in ids)
+
+
+def test_sample_texts_decodes_each_response_up_to_its_eos(llama):
+  config, params = llama
+  tok = _CharTokenizer()
+  prompts = ["hi", "a longer one", "mid"]
+  texts = sampling.sample_texts(config, params, tok, prompts, rng=jax.random.key(0),
+                                temperature=0.9, top_p=0.9, **SHARED)
+  ids = [tok.apply_chat_template(p) for p in prompts]
+  tokens = np.zeros((3, max(map(len, ids))), np.int32)
+  mask = np.zeros_like(tokens)
+  for i, row in enumerate(ids):
+    tokens[i, :len(row)], mask[i, :len(row)] = row, 1
+  out = sampling.sample(config, params, tokens, mask, rng=jax.random.key(0), temperature=0.9,
+                        top_p=0.9, eos_ids=tok.eos_ids, **SHARED)
+  assert len(texts) == 3 and all(len(t) == 2 for t in texts)
+  for i in range(3):
+    for j in range(2):
+      n = int(out.lengths[i, j]) - int(out.finished[i, j])
+      assert texts[i][j] == tok.decode(np.asarray(out.tokens[i, j, :n]))
+
+
+# --- bad input: one clear error each ---
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(mask=np.array([[1, 1, 0], [0, 0, 0]])), "prompt row 1 is empty"),
+    (dict(max_new_tokens=8191), "needs 8193 positions .* max_position_embeddings=8192"),
+    (dict(num_samples=0), "num_samples must be an int >= 1"),
+    (dict(top_p=0.0), r"top_p must lie in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must lie in \(0, 1\]"),
+    (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(top_k=-1), "top_k must be an int >= 0"),
+    (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
+    (dict(tokens=np.array([[3, 300, 0], [4, 0, 0]])), r"token ids must lie in \[0, 256\)"),
+    (dict(mask=np.ones((2, 2))), "prompt_mask shape"),
+    (dict(eos_ids=[999]), "eos_ids must be"),
+])
+def test_bad_input_is_a_clear_error(llama, change, match):
+  config, params = llama
+  args = dict(tokens=np.array([[3, 4, 0], [4, 0, 0]]), mask=np.array([[1, 1, 0], [1, 0, 0]]),
+              num_samples=2, max_new_tokens=4, top_p=1.0, temperature=1.0, top_k=0,
+              eos_ids=None)
+  args.update(change)
+  with pytest.raises(ValueError, match=match):
+    sampling.sample(config, params, args.pop("tokens"), args.pop("mask"),
+                    rng=jax.random.key(0), **args)
