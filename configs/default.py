@@ -63,6 +63,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sampling.top_k = 0  # 0 = off.
   c.sampling.max_new_tokens = 24
   c.sampling.max_prompt_length = 40
+  c.sampling.batch_size = 64  # Prompts per sampling call (x num_samples rows of KV cache).
 
   c.creator = ml_collections.ConfigDict()
   c.creator.enabled = True  # False: the static baseline (fresh base prompts each iteration).

@@ -15,7 +15,7 @@ from eva_jax import losses
 
 # Fields that may differ between a run and its restart without changing its results.
 RESUMABLE_FIELDS = ("overwrite", "checkpoint.use_async", "iterations", "mesh.data", "mesh.fsdp",
-                    "mesh.tensor")
+                    "mesh.tensor", "sampling.batch_size", "reward.batch_size", "train.grad_accum")
 
 _CHOICES = {
     "tokenizer.kind": ("sentencepiece", "hf"),
@@ -52,7 +52,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("train.loss", f"{c.train.loss!r} is not one of {', '.join(losses.available_losses())}")
 
   positive = ("iterations", "data.num_prompts", "sampling.max_new_tokens",
-              "sampling.max_prompt_length", "train.epochs", "train.batch_size", "train.grad_accum",
+              "sampling.max_prompt_length", "sampling.batch_size", "train.epochs", "train.batch_size", "train.grad_accum",
               "train.num_pairs", "train.max_length", "train.max_prompt_length", "train.beta",
               "train.learning_rate", "reward.batch_size", "reward.max_length",
               "eval.max_new_tokens", "checkpoint.keep", "model.hidden_size",

@@ -317,6 +317,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   held = heldout(c)
   try:
     _warm_start(run_)
+    run_.params = None  # From here on θ_t comes from the checkpoints; free the initial copy.
     base = _cached_json(os.path.join(workdir, "iter_000", "evaluate_warmstart.json"),
                         lambda: stages.evaluate(run_, _restore_params(run_, 0, sft=True), held,
                                                 stages.stage_key(c.seed, -1, "evaluate")))

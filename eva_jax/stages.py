@@ -21,7 +21,6 @@ from eva_jax.models.tokenizer import pad_sequences
 STAGE_IDS = {"tokenizer": 1, "init": 2, "sft": 3, "prompts": 4, "generate": 5, "score": 6,
              "create": 7, "generate_evolved": 8, "pairs": 9, "reference": 10, "train": 11,
              "evaluate": 12}
-_SAMPLE_CHUNK = 64  # Prompts per sampling call: bounds the KV cache and the compiles.
 
 
 def stage_rng(seed: int, iteration: int, stage: str) -> np.random.Generator:
@@ -45,8 +44,10 @@ def generate(run, params, prompts: Sequence[str], *, key, num_samples: int, temp
   c, tok = run.config, run.tokenizer
   ids = prompt_ids(tok, prompts, c.sampling.max_prompt_length)
   tokens, lengths, finished = [], [], []
-  for start in range(0, len(ids), _SAMPLE_CHUNK):
-    chunk = ids[start:start + _SAMPLE_CHUNK]
+  # sampling.batch_size prompts per call bound the KV cache (and the compiles).
+  chunk_size = c.sampling.batch_size
+  for start in range(0, len(ids), chunk_size):
+    chunk = ids[start:start + chunk_size]
     prompt_BxP, mask_BxP = pad_sequences(chunk, tok.pad_id)
     out = sampling.sample(
         run.model_config, params, prompt_BxP, mask_BxP,

@@ -137,7 +137,8 @@ def tpu_command(spec: str, workdir: str, overrides: dict[str, Any], *, tpu: str,
     raise ValueError(f"config {path!r} lies outside the repo {ROOT}: the TPU workers only "
                      "have the repo's copy")
   remote_spec = relative if arg is None else f"{relative}:{arg}"
-  remote = " ".join(["cd", remote_dir, "&&", "python3", "-m", "eva_jax.main",
+  # EVA_DISTRIBUTED=1: every worker joins the pod-wide jax.distributed run.
+  remote = " ".join(["cd", remote_dir, "&&", "EVA_DISTRIBUTED=1", "python3", "-m", "eva_jax.main",
                      *map(shlex.quote, main_args(remote_spec, workdir, overrides))])
   gcloud = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu, f"--zone={zone}",
             *([f"--project={project}"] if project else []), "--worker=all",

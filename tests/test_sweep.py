@@ -113,8 +113,9 @@ def test_print_tpu_commands(capsys):
                         "--zone=us-central2-b", "--worker=all", argv[8]]
     assert argv[8].startswith("--command=") and len(argv) == 9
     remote = shlex.split(argv[8][len("--command="):])
-    assert remote[:6] == ["cd", "~/eva_jax", "&&", "python3", "-m", "eva_jax.main"]
-    config, workdir = _parse_like_main(remote[6:])
+    assert remote[:7] == ["cd", "~/eva_jax", "&&", "EVA_DISTRIBUTED=1", "python3", "-m",
+                          "eva_jax.main"]
+    config, workdir = _parse_like_main(remote[7:])
     name = os.path.basename(workdir)
     assert workdir == f"/mnt/eva/abl/{name}"
     assert config.to_dict() == runs[name].config.to_dict()
@@ -169,10 +170,10 @@ def test_launch_script_dry_run():
   assert "pip install -q -e ." in setup[8]
   assert start[5:8] == ["pod-1", "--zone=us-central2-b", "--worker=all"]
   remote = shlex.split(start[8][len("--command="):])
-  assert remote == ["cd", "~/eva_jax", "&&", "python3", "-m", "eva_jax.main",
-                    "--config=configs/ablations.py:metric", "--workdir=/mnt/eva/run 1",
-                    "--config.seed=2", "--config.creator.metric=var"]
-  config, _ = _parse_like_main(remote[6:])
+  assert remote == ["cd", "~/eva_jax", "&&", "EVA_DISTRIBUTED=1", "python3", "-m",
+                    "eva_jax.main", "--config=configs/ablations.py:metric",
+                    "--workdir=/mnt/eva/run 1", "--config.seed=2", "--config.creator.metric=var"]
+  config, _ = _parse_like_main(remote[7:])
   assert config.seed == 2 and config.creator.metric == "var"
 
 

@@ -1,0 +1,358 @@
+"""Memory plan for the paper's 9B run on TPU pod slices, from XLA's memory analysis.
+
+Lowers and compiles, with abstract inputs only (`jax.ShapeDtypeStruct` carrying shardings:
+nothing is allocated), the device programs of a real run of configs/paper.py:
+
+- train: the jitted update of `eva_jax.train.make_train_step` (the same
+  `train.preference_step`, in/out shardings from `train_state.state_shardings`, the state
+  donated) for Gemma 2 9B at the paper's DPO batch, 64 pairs of 2048 tokens, split into
+  `accum` micro-batches;
+- sample: `eva_jax.sampling._prefill` and the `_decode` while-loop over the donated KV cache
+  (what `sampling.sample` runs) for a chunk of prompts x N = 6 samples, 1024 prompt tokens and
+  2048 new tokens (stages._SAMPLE_CHUNK = 64 prompts per call in the runner);
+- score: the reward model's jitted forward (`reward._jitted_forward`), Skywork-Reward-Gemma-2-27B
+  in bfloat16 on 4096-token rows.
+
+For each it reads `compiled.memory_analysis()` of the per-device SPMD program: argument,
+output, alias (outputs reusing a donated argument) and temporary bytes, and
+`step = argument + output - alias + temp`. `resident` adds what the runner keeps on the device
+besides the step's own arguments (see `resident_bytes`); `total` is judged against one chip's
+HBM: TPU v5e 16 GiB, v5p 95 GiB. Device counts are JAX devices = chips: v5e-32 is 32 chips;
+v5p names count TensorCores, two per chip (megacore), so v5p-8 is 4 chips.
+
+Two backends:
+- `--backend=tpu`: a deviceless ahead-of-time compile for the TPU topology itself
+  (`jax.experimental.topologies`, needs the `libtpu` package; no TPU is touched). These are the
+  TPU compiler's own numbers: its buffer assignment, bf16 kept native, its scheduling. It
+  refuses a program whose temporaries exceed the chip's usable HBM (v5e: 15.75 GiB), which
+  is recorded as a row that does not fit.
+- `--backend=cpu` (default): fake host devices (XLA_FLAGS, set below before jax is imported).
+  The partitioning and buffer shapes are the TPU's, the buffer assignment is not: the CPU
+  backend converts bf16 dots and dynamic-slices to float32 (bf16 arrays gain f32 copies, e.g.
+  the whole KV cache in the decode loop) and schedules for one core. Pessimistic for bf16.
+The log-prob kernel is the chunked walk on both ("auto" picks by the *runtime* backend, which
+is CPU here; on a TPU the Pallas forward runs instead, same backward walk).
+
+  python experiments/memory_plan.py [--backend=tpu|cpu] [workload names...]
+  PYTHONPATH=<dir with libtpu> python experiments/memory_plan.py --backend=tpu
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+_NUM_DEVICES = 64  # Fake CPU devices: enough for every mesh below (a mesh takes the first n).
+if __name__ == "__main__":  # Before jax is imported.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={_NUM_DEVICES}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # No cloud metadata lookups.
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from eva_jax import models, reward, sampling, sharding, train, train_state  # noqa: E402
+from eva_jax.logprobs import PAIR_KEYS, REFERENCE_KEYS  # noqa: E402
+
+GIB = 2**30
+HBM_BYTES = {"v5e": 16 * GIB, "v5p": 95 * GIB}
+# Cloud TPU accelerator type -> (chip, topology for jax.experimental.topologies).
+SLICES = {"v5e-32": ("v5e", "v5e:4x8"), "v5e-64": ("v5e", "v5e:8x8"),
+          "v5p-8": ("v5p", "v5p:2x2x1")}
+SEQ_LEN, PROMPT_LEN, NEW_TOKENS, NUM_SAMPLES, REWARD_LEN = 2048, 1024, 2048, 6, 4096
+
+
+def abstract(tree, shardings):
+  """ShapeDtypeStructs of `tree` (arrays or shapes) placed with `shardings` (same structure)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
+
+
+def memory_of(compiled) -> dict:
+  """Per-device bytes of a compiled SPMD program; `step` is its peak estimate."""
+  m = compiled.memory_analysis()
+  out = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+         "alias": int(m.alias_size_in_bytes), "temp": int(m.temp_size_in_bytes)}
+  out["step"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def params_bytes_per_device(config: models.ModelConfig, mesh) -> int:
+  """Bytes of one copy of `config`'s params on one device, placed by sharding.param_shardings."""
+  shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
+  shardings = sharding.param_shardings(config, mesh)
+  return sum(jnp.dtype(x.dtype).itemsize * math.prod(s.shard_shape(x.shape))
+             for x, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
+
+
+def abstract_params(config: models.ModelConfig, mesh):
+  return abstract(jax.eval_shape(lambda: models.init_params(config, jax.random.key(0))),
+                  sharding.param_shardings(config, mesh))
+
+
+# ---------------------------------------------------------------------------------------------
+# The device programs
+
+
+def abstract_train_state(config: models.ModelConfig, optimizer, mesh) -> train_state.TrainState:
+  """The TrainState that `train_state.init_train_state` would create, as sharded shapes."""
+  shapes = jax.eval_shape(lambda: train_state.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=models.init_params(config, jax.random.key(0)),
+      opt_state=optimizer.init(models.init_params(config, jax.random.key(0)))))
+  return abstract(shapes, train_state.state_shardings(config, optimizer, mesh))
+
+
+def abstract_pair_batch(mesh, num_pairs: int, seq_len: int) -> dict:
+  """A pair batch with reference log-probs (eva_jax.logprobs layout), rows over data+fsdp."""
+  rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
+  batch = {}
+  for key in PAIR_KEYS + REFERENCE_KEYS:
+    is_matrix = key.endswith(("tokens", "mask"))
+    batch[key] = jax.ShapeDtypeStruct((num_pairs, seq_len) if is_matrix else (num_pairs,),
+                                      jnp.int32 if is_matrix else jnp.float32, sharding=rows)
+  return batch
+
+
+def compile_train_step(config: models.ModelConfig, mesh, *, loss: str = "dpo", beta: float = 0.05,
+                       hparams: Optional[dict] = None, optimizer_name: str = "adamw",
+                       num_pairs: int = 64, seq_len: int = 2048, accum_steps: int = 1,
+                       num_targets: Optional[int] = None, impl: str = "chunked"):
+  """Compiles the jitted update of `train.make_train_step` for abstract inputs.
+
+  make_train_step keeps its jitted function inside a closure, so this builds the same jit:
+  `train.preference_step` with in_shardings (state, rows over data+fsdp), out_shardings
+  (state, replicated metrics) and the state donated, lowered under the activation rules.
+  num_targets (the LM-head gather width) defaults to the worst case, seq_len - 1.
+  """
+  opt_cfg = train_state.OptimizerConfig(name=optimizer_name, total_steps=1000)
+  optimizer = train_state.make_optimizer(opt_cfg)
+  schedule = train_state.make_schedule(opt_cfg)
+  state_sh = train_state.state_shardings(config, optimizer, mesh)
+
+  def update(state, batch, num_targets):
+    return train.preference_step(config, optimizer, state, batch, loss_name=loss, beta=beta,
+                                 hparams=hparams or {}, accum_steps=accum_steps, impl=impl,
+                                 num_targets=num_targets, schedule=schedule)
+
+  jitted = jax.jit(update, static_argnums=(2,),
+                   in_shardings=(state_sh, NamedSharding(mesh, P(sharding.BATCH_AXES))),
+                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  state = abstract_train_state(config, optimizer, mesh)
+  batch = abstract_pair_batch(mesh, num_pairs, seq_len)
+  with sharding.activation_rules(mesh):
+    return jitted.lower(state, batch, num_targets or seq_len - 1).compile()
+
+
+def compile_sampling(config: models.ModelConfig, mesh, *, num_prompts: int, prompt_len: int,
+                     num_samples: int, max_new_tokens: int, top_k: int = 0,
+                     nucleus: bool = True):
+  """Compiles `sampling._prefill` and `sampling._decode` as `sampling.sample` calls them, for
+  abstract sharded inputs; returns (prefill, decode). The decode's cache input has the shapes
+  and shardings that the prefill outputs."""
+  params = abstract_params(config, mesh)
+  prompts = jax.ShapeDtypeStruct((num_prompts, prompt_len), jnp.int32,
+                                 sharding=sharding.batch_sharding(mesh, 2))
+  active = jax.ShapeDtypeStruct((num_prompts,), jnp.bool_,
+                                sharding=sharding.batch_sharding(mesh, 1))
+  replicated = sharding.replicated(mesh)
+  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+  eos = jax.ShapeDtypeStruct((sampling._MAX_EOS,), jnp.int32, sharding=replicated)
+  rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                             sharding=replicated)
+  with sharding.activation_rules(mesh):
+    prefill = sampling._prefill.lower(
+        config, params, prompts, prompts, num_samples=num_samples,
+        max_new_tokens=max_new_tokens, cache_dtype=jnp.dtype(config.dtype).name,
+        mesh=mesh).compile()
+    cache, logits = abstract(prefill.out_info, prefill.output_shardings)
+    decode = sampling._decode.lower(
+        config, params, cache, logits, prompts, active, eos, rng, scalar, scalar,
+        num_samples=num_samples, max_new_tokens=max_new_tokens,
+        pad_id=config.pad_token_id or 0, top_k=top_k, greedy=False, nucleus=nucleus,
+        mesh=mesh).compile()
+  return prefill, decode
+
+
+def compile_reward_forward(config: models.ModelConfig, mesh, *, batch: int, length: int):
+  """Compiles the reward model's jitted forward (`reward.score_sequences`' program)."""
+  rows = jax.ShapeDtypeStruct((batch, length), jnp.int32,
+                              sharding=sharding.batch_sharding(mesh, 2))
+  with sharding.activation_rules(mesh):
+    return reward._jitted_forward(config, mesh).lower(abstract_params(config, mesh), rows,
+                                                      rows).compile()
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """One row. mesh = (data, fsdp, tensor). train: `batch` pairs per update in `accum`
+  micro-batches; sample: `batch` prompts x 6 samples per call; score: `batch` rows."""
+  name: str
+  kind: str              # "train", "sample" or "score"
+  slice_name: str        # a key of SLICES
+  mesh: tuple[int, int, int]
+  batch: int = 64
+  accum: int = 1
+  param_dtype: str = "float32"
+  remat: str = "full"
+
+
+def paper_policy(param_dtype: str = "float32", remat: str = "full") -> models.ModelConfig:
+  return models.gemma2_9b(param_dtype=param_dtype, dtype="bfloat16", remat=remat)
+
+
+REWARD_MODEL = models.gemma2_27b(num_labels=1, param_dtype="bfloat16", dtype="bfloat16")
+
+PLAN = (
+    # v5e-32: float32 master weights (the config), 1 pair per chip per micro-batch.
+    Workload("train_v5e32", "train", "v5e-32", (1, 32, 1), accum=2),
+    Workload("train_v5e32_tp2", "train", "v5e-32", (1, 16, 2), accum=4),
+    Workload("train_v5e32_bf16", "train", "v5e-32", (1, 32, 1), accum=2, param_dtype="bfloat16"),
+    Workload("train_v5e64", "train", "v5e-64", (1, 64, 1), accum=1),
+    Workload("sample_v5e32", "sample", "v5e-32", (1, 32, 1)),
+    Workload("sample_v5e32_chunk32", "sample", "v5e-32", (1, 32, 1), batch=32),
+    Workload("sample_v5e32_tp4", "sample", "v5e-32", (1, 8, 4)),
+    Workload("score_v5e32", "score", "v5e-32", (1, 32, 1), batch=32),
+    # v5p-8 = 4 chips.
+    Workload("train_v5p8_mb1", "train", "v5p-8", (1, 4, 1), accum=16),
+    Workload("train_v5p8_mb2", "train", "v5p-8", (1, 4, 1), accum=8),
+    Workload("train_v5p8_mb4", "train", "v5p-8", (1, 4, 1), accum=4),
+    Workload("train_v5p8_dots", "train", "v5p-8", (1, 4, 1), accum=8, remat="dots"),
+    Workload("sample_v5p8", "sample", "v5p-8", (1, 4, 1)),
+    Workload("sample_v5p8_chunk16", "sample", "v5p-8", (1, 4, 1), batch=16),
+    Workload("score_v5p8", "score", "v5p-8", (1, 4, 1), batch=16),
+)
+
+
+def resident_bytes(w: Workload, mesh) -> int:
+  """What the runner keeps on each device besides the step's own arguments.
+
+  It holds the policy it loaded at setup (`Run.params`) for the whole run, the iteration's
+  restored params θ_t (copied into the train state, not donated) and the reward model. So:
+  train +2 policy copies + reward model; sample +1 policy copy + reward model; score +2
+  policy copies.
+  """
+  policy = params_bytes_per_device(paper_policy(w.param_dtype, w.remat), mesh)
+  rm = params_bytes_per_device(REWARD_MODEL, mesh)
+  return {"train": 2 * policy + rm, "sample": policy + rm, "score": 2 * policy}[w.kind]
+
+
+def devices_for(slice_name: str, backend: str) -> list:
+  if backend == "tpu":
+    from jax.experimental import topologies
+    return list(topologies.get_topology_desc(topology_name=SLICES[slice_name][1],
+                                             platform="tpu").devices)
+  return jax.devices()
+
+
+def _compile_error_temp(error: Exception) -> Optional[int]:
+  """Bytes of temporaries in the TPU compiler's "Ran out of memory on HBM" refusal, or None."""
+  match = re.search(r"HLO temporaries \(([0-9.]+)([KMG])\)", str(error))
+  if "RESOURCE_EXHAUSTED" not in str(error) or not match:
+    return None
+  return int(float(match.group(1)) * 2**(10 * "KMG".index(match.group(2)) + 10))
+
+
+def run_workload(w: Workload, backend: str = "cpu") -> dict:
+  """Compiles `w` and returns its row; a program the TPU compiler refuses for lack of HBM gets
+  a row with `temp` from the refusal, the other fields 0 and fits False."""
+  try:
+    return _run_workload(w, backend)
+  except jax.errors.JaxRuntimeError as e:
+    temp = _compile_error_temp(e)
+    if temp is None:
+      raise
+    return {"name": w.name, "kind": w.kind, "slice": w.slice_name, "backend": backend,
+            "devices": math.prod(w.mesh), "mesh": dict(zip(sharding.MESH_AXES, w.mesh)),
+            "param_dtype": w.param_dtype, "remat": w.remat, "batch": "compiler: out of HBM",
+            "argument": 0, "output": 0, "alias": 0, "temp": temp, "step": temp, "resident": 0,
+            "total": temp, "hbm": HBM_BYTES[SLICES[w.slice_name][0]], "fits": False}
+
+
+def _run_workload(w: Workload, backend: str) -> dict:
+  n = math.prod(w.mesh)
+  mesh = sharding.make_mesh(*w.mesh, devices=devices_for(w.slice_name, backend)[:n])
+  start = time.perf_counter()
+  row = {"name": w.name, "kind": w.kind, "slice": w.slice_name, "backend": backend,
+         "devices": n, "mesh": dict(zip(sharding.MESH_AXES, w.mesh)),
+         "param_dtype": REWARD_MODEL.param_dtype if w.kind == "score" else w.param_dtype,
+         "remat": w.remat if w.kind == "train" else "-"}
+  per_device = w.batch // sharding.batch_multiple(mesh)
+  if w.kind == "train":
+    compiled = compile_train_step(paper_policy(w.param_dtype, w.remat), mesh, num_pairs=w.batch,
+                                  seq_len=SEQ_LEN, accum_steps=w.accum)
+    row.update(batch=f"{per_device // w.accum} pairs x {w.accum}", **memory_of(compiled))
+  elif w.kind == "sample":
+    prefill, decode = compile_sampling(paper_policy(w.param_dtype), mesh, num_prompts=w.batch,
+                                       prompt_len=PROMPT_LEN, num_samples=NUM_SAMPLES,
+                                       max_new_tokens=NEW_TOKENS)
+    pre = memory_of(prefill)
+    row.update(batch=f"{per_device} prompts x {NUM_SAMPLES}", prefill_step=pre["step"],
+               **memory_of(decode))
+    # The prefill's output cache is the decode's donated input: the peak is the larger step.
+    row["step"] = max(pre["step"], row["step"])
+  else:
+    compiled = compile_reward_forward(REWARD_MODEL, mesh, batch=w.batch, length=REWARD_LEN)
+    row.update(batch=f"{per_device} x {REWARD_LEN} tokens", **memory_of(compiled))
+  row["resident"] = resident_bytes(w, mesh)
+  row["total"] = row["step"] + row["resident"]
+  row["hbm"] = HBM_BYTES[SLICES[w.slice_name][0]]
+  row["fits"] = row["total"] <= row["hbm"]
+  row["compile_s"] = round(time.perf_counter() - start, 1)
+  return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+  gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+  lines = ["| workload | slice | mesh d/f/t | params | remat | per-device batch | argument | "
+           "output | alias | temp | step | + resident | total | HBM | fits |",
+           "|" + "---|" * 15]
+  for r in rows:
+    mesh = "/".join(str(v) for v in r["mesh"].values())
+    lines.append(
+        f"| {r['name']} | {r['slice']} | {mesh} | {r['param_dtype']} | {r['remat']} | "
+        f"{r['batch']} | {gib(r['argument'])} | {gib(r['output'])} | {gib(r['alias'])} | "
+        f"{gib(r['temp'])} | {gib(r['step'])} | {gib(r['resident'])} | {gib(r['total'])} | "
+        f"{gib(r['hbm'])} | {'yes' if r['fits'] else 'NO'} |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+  backend = "cpu"
+  names = []
+  for a in argv:
+    if a.startswith("--backend="):
+      backend = a.split("=", 1)[1]
+    else:
+      names.append(a)
+  if backend not in ("cpu", "tpu"):
+    raise ValueError(f"--backend must be cpu or tpu, got {backend!r}")
+  by_name = {w.name: w for w in PLAN}
+  unknown = sorted(set(names) - set(by_name))
+  if unknown:
+    raise ValueError(f"unknown workloads {unknown}; known: {list(by_name)}")
+  if backend == "cpu" and len(jax.devices()) < _NUM_DEVICES:
+    raise RuntimeError(f"need {_NUM_DEVICES} devices, have {len(jax.devices())}: run this file "
+                       "as a script (it sets XLA_FLAGS before importing jax)")
+  rows = []
+  for w in [by_name[n] for n in names] or PLAN:
+    rows.append(run_workload(w, backend))
+    print(json.dumps(rows[-1]), flush=True)
+  print(f"\nPer-device GiB, {backend} backend (see the module docstring):\n")
+  print(markdown_table(rows))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
