@@ -85,18 +85,18 @@ def _uniforms(keys_B: jax.Array, step, count: int) -> jax.Array:
 
 
 def _sample_vocab(logits_BxV: jax.Array, keys_B: jax.Array, temperature, top_p,
-                    nucleus: bool) -> jax.Array:
+                  nucleus: bool) -> jax.Array:
   """Exact draw from softmax(logits / temperature), restricted to the top-p nucleus if `nucleus`.
 
-  C blocks of W = 128 tokens. Without sorting: adaptive rejection sampling. Each round draws a candidate c from the
-  weights e = exp((logits - max) / temperature) restricted to {e > lam} (lam = -1 at first), by
-  a two-level inverse CDF (blocks of 128 tokens, then within the block). c is in the nucleus iff
-  M(c) = sum(e[e > e_c]) < top_p * sum(e). If not, every nucleus token has e > e_c, so the next
-  round restricts to {e > e_c}: the proposal is always the target distribution restricted to a
-  superset of the nucleus, so an accepted draw has exactly the nucleus distribution. The
-  support strictly shrinks on every rejection, so the loop ends; the acceptance rate starts at
-  >= top_p and rises. One pass over [B, V] per round computes the block sums of e[e > e_c], which
-  give both M(c) and the next round's proposal.
+  Without sorting: adaptive rejection sampling. Each round draws a candidate c from the weights
+  e = exp((logits - max) / temperature) restricted to {e > lam} (lam = -1 at first), by a
+  two-level inverse CDF (C blocks of W = 128 tokens, then within the block). c is in the
+  nucleus iff M(c) = sum(e[e > e_c]) < top_p * sum(e). If not, every nucleus token has
+  e > e_c, so the next round restricts to {e > e_c}: the proposal is always the target
+  distribution restricted to a superset of the nucleus, so an accepted draw has exactly the
+  nucleus distribution. The support strictly shrinks on every rejection, so the loop ends; the
+  acceptance rate starts at >= top_p and rises. One pass over [B, V] per round computes the
+  block sums of e[e > e_c], which give both M(c) and the next round's proposal.
   """
   b, v = logits_BxV.shape
   num_blocks = -(-v // _BLOCK)

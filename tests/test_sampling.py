@@ -221,7 +221,7 @@ def test_buckets_bound_the_number_of_compiles(llama):
   jax.tree.map(np.testing.assert_array_equal, first, again)  # Left padding == right padding.
 
 
-def test_sharded_greedy_matches_unsharded(gemma):
+def test_sharded_sampling_matches_unsharded(gemma):
   config, params = gemma
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   placed = jax.device_put(params, sharding.param_shardings(config, mesh))
@@ -232,6 +232,11 @@ def test_sharded_greedy_matches_unsharded(gemma):
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
   np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
   assert len(got.tokens.sharding.device_set) == 8
+  # The nucleus sampler under the mesh too: per-row random streams do not depend on placement.
+  kw.update(greedy=False, temperature=0.8, top_p=0.9)
+  want = sampling.sample(config, params, tokens, mask, **kw)
+  got = sampling.sample(config, placed, tokens, mask, mesh=mesh, **kw)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
 
 
 def test_decode_cache_is_donated(llama):

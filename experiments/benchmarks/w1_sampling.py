@@ -5,12 +5,13 @@ heads, untied, float32, about 55M parameters) is built in PyTorch from a fixed s
 HF folder and loaded into ours with `hf.load`, so both sides run the same weights. 8 prompts of
 64 tokens, 6 samples each, exactly 128 new tokens (no eos), temperature 0.7, top-p 0.9 (top-k
 off on both sides). Each side is timed after a warm-up (ours: after compiling), best of
-`--repeats` runs; prints one JSON line with generated tokens/s for both and their ratio, plus
-the ratio of process CPU seconds and the 1-minute load average: on a busy shared machine both
-figures move (PyTorch's threads spin while they wait for a core), so only runs at a low load
-average compare cleanly.
+`--repeats` runs, the two sides interleaved; prints one JSON line with generated tokens/s for
+both and their ratio, plus the ratio of process CPU seconds and the 1-minute load average: on a
+busy shared machine both figures move (PyTorch's threads spin while they wait for a core), so
+only runs at a low load average compare cleanly. `--profile` adds the seconds of one decode
+step and of one token selection at W1's shapes.
 
-  python experiments/benchmarks/w1_sampling.py [--repeats 2] [--no-peer] [--profile]
+  python experiments/benchmarks/w1_sampling.py [--repeats 3] [--no-peer] [--profile]
 """
 import argparse
 import json
@@ -54,18 +55,19 @@ def _timed(fn, repeats: int) -> list[tuple[float, float]]:
   return times
 
 
-def _ours(config, params, prompts, mask, repeats: int) -> float:
+def _ours(config, params, prompts, mask):
+  """A function that samples W1 with our sampler."""
   def run():
     out = sampling.sample(config, params, prompts, mask, rng=jax.random.key(0),
                           num_samples=SAMPLES, max_new_tokens=NEW_TOKENS,
                           temperature=TEMPERATURE, top_p=TOP_P, top_k=0, eos_ids=())
     jax.block_until_ready(out)
     assert int(out.lengths.min()) == NEW_TOKENS
-  run()  # Compile.
-  return min(_timed(run, repeats))
+  return run
 
 
-def _peer(model, prompts, mask, repeats: int) -> float:
+def _peer(model, prompts, mask):
+  """A function that samples W1 with transformers `generate`."""
   import torch
   ids, attn = torch.tensor(prompts, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
@@ -76,8 +78,7 @@ def _peer(model, prompts, mask, repeats: int) -> float:
                            num_return_sequences=SAMPLES, max_new_tokens=NEW_TOKENS,
                            min_new_tokens=NEW_TOKENS, pad_token_id=0)
     assert out.shape == (PROMPTS * SAMPLES, PROMPT_LEN + NEW_TOKENS)
-  run()  # Warm-up.
-  return min(_timed(run, repeats))
+  return run
 
 
 def _profile(config, params) -> dict:
@@ -110,7 +111,7 @@ def _profile(config, params) -> dict:
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no-peer", action="store_true")
   parser.add_argument("--profile", action="store_true")
   args = parser.parse_args()
@@ -125,10 +126,20 @@ def main():
   generated = PROMPTS * SAMPLES * NEW_TOKENS
 
   result = {"workload": "W1", "backend": jax.default_backend()}
-  ours_s, ours_cpu = _ours(config, params, prompts, mask, args.repeats)
+  runs = {"ours": _ours(config, params, prompts, mask)}
+  if not args.no_peer:
+    runs["peer"] = _peer(torch_model, prompts, mask)
+  for run in runs.values():
+    run()  # Compile / warm up.
+  # Interleaved, so that both sides meet the same load on a shared machine; best of each.
+  times = {name: [] for name in runs}
+  for _ in range(args.repeats):
+    for name, run in runs.items():
+      times[name] += _timed(run, 1)
+  ours_s, ours_cpu = min(times["ours"])
   result["ours_tokens_per_s"] = round(generated / ours_s, 1)
   if not args.no_peer:
-    peer_s, peer_cpu = _peer(torch_model, prompts, mask, args.repeats)
+    peer_s, peer_cpu = min(times["peer"])
     result["peer_tokens_per_s"] = round(generated / peer_s, 1)
     result["ratio"] = round(peer_s / ours_s, 2)
     result["ratio_cpu_time"] = round(peer_cpu / ours_cpu, 2)
