@@ -161,6 +161,7 @@ def get_config(arg: str = "dpo,eva") -> ml_collections.ConfigDict:
   data, fsdp, tensor = hw["mesh"]
   c.train.grad_accum = batch // (data * fsdp * hw["pairs_per_device"])
   c.train.num_pairs = c.data.num_prompts  # The same pair budget for eva and static.
+  c.train.min_chosen_reward = float("-inf")  # Every untied prompt gives a pair, as published.
   c.train.max_length = 2048
   c.train.max_prompt_length = 1024
   c.train.logprob_impl = "auto"  # The Pallas kernel on TPU.

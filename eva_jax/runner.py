@@ -233,7 +233,8 @@ def _iteration(run: Run, t: int, held: list, baseline: Optional[dict]) -> dict:
                                           * c.creator.num_evolutions)))
   prompts = _cached_json(run.path(t, "prompts.json"), lambda: base_prompts(c, t, count))
   gen, rewards = _generate_cached(run, params, t, "generate", prompts)
-  base_pairs = stages.best_worst_pairs(prompts, gen, rewards, "base")
+  base_pairs = stages.best_worst_pairs(
+      prompts, gen, rewards, "base", min_chosen_reward=c.train.min_chosen_reward)
 
   evolved, evolved_pairs, info = [], [], creator.informativeness(rewards, c.creator.metric)
   if c.creator.enabled:
@@ -258,7 +259,8 @@ def _iteration(run: Run, t: int, held: list, baseline: Optional[dict]) -> dict:
     evolved = created["evolved"]
     gen_e, rewards_e = _generate_cached(run, params, t, "generate_evolved", evolved)
     if evolved:
-      evolved_pairs = stages.best_worst_pairs(evolved, gen_e, rewards_e, "evolved")
+      evolved_pairs = stages.best_worst_pairs(
+          evolved, gen_e, rewards_e, "evolved", min_chosen_reward=c.train.min_chosen_reward)
 
   pairs = _cached_json(run.path(t, "pairs.json"), lambda: stages.mix(
       run, base_pairs, evolved_pairs, stages.stage_rng(c.seed, t, "pairs")))

@@ -72,15 +72,17 @@ def score(run, prompts: Sequence[str], gen: dict) -> np.ndarray:
 
 
 def best_worst_pairs(prompts: Sequence[str], gen: dict, rewards_PxN: np.ndarray,
-                     source: str) -> list[dict]:
+                     source: str, *, min_chosen_reward: float = -math.inf) -> list[dict]:
   """Per prompt: chosen = the highest-reward response, rejected = the lowest.
 
-  A prompt whose rewards all tie carries no preference and gives no pair.
+  A prompt whose rewards all tie carries no preference and gives no pair; neither does one
+  whose best response scores below `min_chosen_reward` (off by default, as in the paper).
   """
   pairs = []
   for p, prompt in enumerate(prompts):
     best, worst = int(np.argmax(rewards_PxN[p])), int(np.argmin(rewards_PxN[p]))
-    if rewards_PxN[p, best] <= rewards_PxN[p, worst]:
+    if (rewards_PxN[p, best] <= rewards_PxN[p, worst]
+        or rewards_PxN[p, best] < min_chosen_reward):
       continue
     take = lambda n: gen["tokens"][p, n, :gen["lengths"][p, n]].tolist()  # noqa: E731
     pairs.append({"prompt": prompt, "chosen": take(best), "rejected": take(worst),

@@ -92,6 +92,7 @@ def test_shared_paper_settings():
     assert c.creator.metric == "gap" and c.creator.selection == "weighted"
     assert c.creator.fraction == 0.25 and c.creator.num_evolutions == 4
     assert c.creator.base_ratio == 0.2
+    assert c.train.min_chosen_reward == float("-inf")  # No floor on the chosen reward.
     assert c.model.param_dtype == "float32" and c.model.dtype == "bfloat16"
 
 
