@@ -6,6 +6,7 @@ config that would change the results is refused unless `overwrite` is set.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -74,6 +75,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     value = _get(c, field)
     if not 0 <= value <= 1:
       _fail(field, f"must lie in [0, 1], got {value}")
+  # -inf (keep every pair) is valid; NaN would silently drop every pair.
+  if math.isnan(c.train.min_chosen_reward):
+    _fail("train.min_chosen_reward", "must be a number (-inf keeps every pair), got nan")
   if c.sampling.temperature < 0:
     _fail("sampling.temperature", f"must be >= 0, got {c.sampling.temperature}")
   if not 0 < c.sampling.top_p <= 1:

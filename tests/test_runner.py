@@ -47,6 +47,7 @@ def _bad(tmp_path, **overrides):
 BAD_CONFIGS = [
     ({"creator__fraction": 1.5}, "creator.fraction: must lie in \\(0, 1\\]"),
     ({"sampling__num_samples": 1}, "sampling.num_samples: must be >= 2"),
+    ({"train__min_chosen_reward": float("nan")}, "train.min_chosen_reward: must be a number"),
     ({"model__source": "hf", "model__path": "/nonexistent/ckpt"},
      "model.path: checkpoint folder '/nonexistent/ckpt' does not exist"),
     ({"train__loss": "dpoo"}, "train.loss: 'dpoo' is not one of"),
