@@ -279,8 +279,9 @@ def test_sample_texts_decodes_each_response_up_to_its_eos(llama):
   mask = np.zeros_like(tokens)
   for i, row in enumerate(ids):
     tokens[i, :len(row)], mask[i, :len(row)] = row, 1
-  out = sampling.sample(config, params, tokens, mask, rng=jax.random.key(0), temperature=0.9,
-                        top_p=0.9, eos_ids=tok.eos_ids, **SHARED)
+  # One chunk (all prompts), which sample_batched draws with fold_in(rng, chunk start = 0).
+  out = sampling.sample(config, params, tokens, mask, rng=jax.random.fold_in(jax.random.key(0), 0),
+                        temperature=0.9, top_p=0.9, eos_ids=tok.eos_ids, **SHARED)
   assert len(texts) == 3 and all(len(t) == 2 for t in texts)
   for i in range(3):
     for j in range(2):
