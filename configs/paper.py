@@ -66,8 +66,8 @@ REWARD_PATHS = {
 #           but lose every update at these learning rates.)
 #   v5e-64  update 10.8 of 16 with 1 pair per chip on fsdp 64.
 # Sampling (N = 6, 1024 + 2048 tokens) holds a 336 KiB-per-token KV cache (twice, in the decode
-# loop): the runner's 64 prompts per call need 16 or fewer on v5p-8 and 32 or fewer on v5e-32,
-# which stages._SAMPLE_CHUNK (a constant) does not allow yet.
+# loop): sampling.batch_size prompts per call (set to 16 below) must be 16 or fewer on v5p-8 and
+# 32 or fewer on v5e-32.
 SLICES = {
     "v5p-8": dict(mesh=(1, 4, 1), pairs_per_device=1, reward_batch=16),
     "v5e-32": dict(mesh=(1, 16, 2), pairs_per_device=1, reward_batch=32),

@@ -8,8 +8,8 @@ scoring, a record also holds its informativeness and a summary of its responses'
 Ids are `f"{iteration}-{n}"`, n counting the prompts added in that iteration, so the same adds in
 the same order give the same ids after any number of restarts; a loaded buffer continues the
 count. The buffer is saved as JSONL, one record a line in insertion order (parents before
-children), written to a temporary file and renamed over the target so a killed run never leaves
-a half-written buffer.
+children), written atomically (`fileio.atomic_write`) so a killed run never leaves a half-written
+buffer.
 """
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
+
+from eva_jax import fileio
 
 BASE_METHOD = "base"
 _ID = re.compile(r"(\d+)-(\d+)")
@@ -182,34 +183,20 @@ class PromptBuffer:
           reward_summary=reward_summary(rewards_N))
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes the buffer as JSONL atomically (temporary file in the same folder, then rename)."""
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
-                                    suffix=".tmp")
-    try:
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for record in self:
-          f.write(json.dumps(record.to_json(), ensure_ascii=False, allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp_path, path)
-    except BaseException:
-      if os.path.exists(tmp_path):
-        os.unlink(tmp_path)
-      raise
+    """Writes the buffer as JSONL atomically (`fileio.atomic_write`; a local path or gs://)."""
+    fileio.atomic_write(path, "".join(
+        json.dumps(record.to_json(), ensure_ascii=False, allow_nan=False) + "\n"
+        for record in self))
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "PromptBuffer":
     """Reads a buffer written by `save`; a malformed line raises ValueError naming it."""
     buffer = cls()
-    with open(path, encoding="utf-8") as f:
-      for line_number, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          buffer._insert(PromptRecord.from_json(json.loads(line)))
-        except (ValueError, TypeError) as e:
-          raise ValueError(f"{os.fspath(path)}:{line_number}: {e}") from e
+    for line_number, line in enumerate(fileio.iter_lines(path), start=1):
+      if not line.strip():
+        continue
+      try:
+        buffer._insert(PromptRecord.from_json(json.loads(line)))
+      except (ValueError, TypeError) as e:
+        raise ValueError(f"{os.fspath(path)}:{line_number}: {e}") from e
     return buffer

@@ -12,25 +12,37 @@ from typing import Any
 
 import ml_collections
 
-from eva_jax import losses
+from eva_jax import context, creator, fileio, losses, reward, sources, train_state
+from eva_jax.kernels.target_logprobs import IMPLS as LOGPROB_IMPLS
+from eva_jax.models.config import FAMILY_FEATURES
 
-# Fields that may differ between a run and its restart without changing its results.
-RESUMABLE_FIELDS = ("overwrite", "checkpoint.use_async", "iterations", "mesh.data", "mesh.fsdp",
-                    "mesh.tensor", "sampling.batch_size", "reward.batch_size", "train.grad_accum")
+# Fields that may differ between a run and its restart without changing its results. Not
+# mesh.*, sampling.batch_size or train.grad_accum: sampling keys fold in each chunk's start, and
+# the train batch rounds up to a multiple of the batch shards x accumulation steps. Not
+# reward.batch_size either: a reward model's scores differ in the last bits with the batch shape
+# (measured on CPU: up to 2e-7 between batch sizes 1 and 16), which can flip a best/worst pick.
+RESUMABLE_FIELDS = ("overwrite", "checkpoint.use_async", "iterations")
 
-_CHOICES = {
-    "tokenizer.kind": ("sentencepiece", "hf"),
-    "model.source": ("tiny", "hf"),
-    "model.family": ("llama", "gemma2", "qwen2"),
-    "model.remat": ("none", "full", "dots"),
-    "data.source": ("synthetic", "jsonl"),
-    "reward.kind": ("synthetic", "neural"),
-    "creator.metric": ("gap", "var", "mean", "maxmean", "loo", "dts", "gap_inv", "mean_inv"),
-    "creator.selection": ("weighted", "greedy", "uniform", "stratified"),
-    "creator.evolver": ("synthetic", "lm"),
-    "train.optimizer": ("adamw", "rmsprop"),
-    "train.logprob_impl": ("auto", "pallas", "chunked", "reference"),
-}
+# What the run resolved at start (the mesh shape: mesh.data = -1 means "all devices"), saved
+# beside config.json; a restart that resolves differently is refused.
+RUN_INFO = "run_info.json"
+
+
+def _choices() -> dict[str, tuple]:
+  """Each name-picked field and its choices, read from where the names are defined."""
+  return {
+      "tokenizer.kind": context.TOKENIZER_KINDS,
+      "model.source": context.MODEL_SOURCES,
+      "model.family": tuple(FAMILY_FEATURES),
+      "model.remat": ("none", "full", "dots"),  # ModelConfig.remat has no public list yet.
+      "data.source": sources.SOURCES.names(),
+      "reward.kind": reward.SCORERS.names(),
+      "creator.metric": creator.INFORMATIVENESS.names(),
+      "creator.selection": creator.SELECTORS.names(),
+      "creator.evolver": creator.EVOLVERS.names(),
+      "train.optimizer": train_state.OPTIMIZERS,
+      "train.logprob_impl": LOGPROB_IMPLS,
+  }
 
 
 def _get(c, dotted: str):
@@ -45,7 +57,7 @@ def _fail(field: str, why: str):
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field."""
-  for field, choices in _CHOICES.items():
+  for field, choices in _choices().items():
     value = _get(c, field)
     if value not in choices:
       _fail(field, f"{value!r} is not one of {', '.join(map(repr, choices))}")
@@ -102,8 +114,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _fail("data.path", f"prompt file {c.data.path!r} does not exist")
     if os.path.getsize(c.data.path) == 0:
       _fail("data.path", f"prompt file {c.data.path!r} is empty")
+  if c.data.source == "tfds" and not c.data.path:
+    _fail("data.path", "a tfds source needs a prepared prompt set 'prompt_set/<config>'")
   if c.data.source == "synthetic" and c.reward.kind != "synthetic":
     _fail("reward.kind", "synthetic prompts are scored by the synthetic checker")
+  if c.reward.kind == "synthetic" and c.data.source != "synthetic":
+    _fail("reward.kind", "the synthetic checker only scores synthetic prompts")
   if c.creator.evolver == "synthetic" and c.data.source != "synthetic":
     _fail("creator.evolver", "the synthetic evolver only rewrites synthetic prompts")
 
@@ -119,10 +135,9 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def check_workdir_config(c: ml_collections.ConfigDict, saved_path: str) -> None:
   """Refuses a workdir whose saved config differs in a field that changes the results."""
-  if not os.path.exists(saved_path) or c.overwrite:
+  if not fileio.exists(saved_path) or c.overwrite:
     return
-  with open(saved_path) as f:
-    saved = _flatten(json.load(f))
+  saved = _flatten(json.loads(fileio.read_text(saved_path)))
   now = _flatten(json.loads(c.to_json()))
   changed = sorted(k for k in set(saved) | set(now)
                    if k not in RESUMABLE_FIELDS and saved.get(k) != now.get(k))
@@ -132,3 +147,18 @@ def check_workdir_config(c: ml_collections.ConfigDict, saved_path: str) -> None:
         f"workdir holds a run with a different config ({k}: {saved.get(k)!r} there, "
         f"{now.get(k)!r} now{'; and ' + str(len(changed) - 1) + ' more' if len(changed) > 1 else ''}"
         "); use a new --workdir or pass --config.overwrite=True")
+
+
+def check_workdir_run_info(c: ml_collections.ConfigDict, run_info: dict, saved_path: str) -> None:
+  """Refuses a restart that resolves the mesh differently (another device count) from the run
+  saved in the workdir (`RUN_INFO`, written at its start)."""
+  if not fileio.exists(saved_path) or c.overwrite:
+    return
+  saved = json.loads(fileio.read_text(saved_path))
+  if saved.get("mesh") != run_info["mesh"]:
+    shape = lambda m: " x ".join(f"{k} {v}" for k, v in (m or {}).items())  # noqa: E731
+    raise ValueError(
+        f"workdir holds a run on mesh {shape(saved.get('mesh'))}, but this start resolves "
+        f"mesh.data/fsdp/tensor to {shape(run_info['mesh'])}; a different mesh changes the "
+        "results: restart on the same devices, use a new --workdir or pass "
+        "--config.overwrite=True")

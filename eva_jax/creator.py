@@ -26,13 +26,11 @@ from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkabl
 import jax
 import numpy as np
 
-from eva_jax import filters
+from eva_jax import filters, registry
 from eva_jax.buffer import PromptBuffer, PromptRecord
 
 log = logging.getLogger(__name__)
 
-METRICS = ("gap", "var", "mean", "maxmean", "loo", "dts", "gap_inv", "mean_inv")
-SELECTION_METHODS = ("weighted", "greedy", "uniform", "stratified")
 NUM_STRATA = 10
 IN_DEPTH_METHODS = ("add_constraints", "deepen", "concretize", "increase_reasoning", "expand")
 IN_BREADTH_METHODS = ("persona", "shift_in", "shift_out", "mix", "abstract")
@@ -67,16 +65,17 @@ def _dts(r_PxN):
   return top2_Px2[:, 0] - top2_Px2[:, 1]
 
 
-_METRIC_FNS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "gap": _gap,
-    "var": lambda r: r.var(axis=1),
-    "mean": lambda r: r.mean(axis=1),
-    "maxmean": lambda r: r.max(axis=1) - r.mean(axis=1),
-    "loo": _loo,
-    "dts": _dts,
-    "gap_inv": lambda r: 1.0 - _minmax(_gap(r)),
-    "mean_inv": lambda r: 1.0 - _minmax(r.mean(axis=1)),
-}
+# Informativeness metrics by name: [P, N] float64 rewards -> [P] scores.
+INFORMATIVENESS = registry.Registry("informativeness metric")
+INFORMATIVENESS.register("gap", _gap)
+INFORMATIVENESS.register("var", lambda r: r.var(axis=1))
+INFORMATIVENESS.register("mean", lambda r: r.mean(axis=1))
+INFORMATIVENESS.register("maxmean", lambda r: r.max(axis=1) - r.mean(axis=1))
+INFORMATIVENESS.register("loo", _loo)
+INFORMATIVENESS.register("dts", _dts)
+INFORMATIVENESS.register("gap_inv", lambda r: 1.0 - _minmax(_gap(r)))
+INFORMATIVENESS.register("mean_inv", lambda r: 1.0 - _minmax(r.mean(axis=1)))
+METRICS = INFORMATIVENESS.names()
 
 
 def informativeness(rewards, metric: str = "gap") -> np.ndarray:
@@ -111,9 +110,7 @@ def informativeness(rewards, metric: str = "gap") -> np.ndarray:
   if bad_P.any():
     raise ValueError(f"non-finite rewards for prompt index(es) "
                      f"{np.flatnonzero(bad_P)[:20].tolist()}")
-  if metric not in _METRIC_FNS:
-    raise ValueError(f"unknown informativeness metric {metric!r}; expected one of {METRICS}")
-  return _METRIC_FNS[metric](rewards_PxN)
+  return INFORMATIVENESS.get(metric)(rewards_PxN)
 
 
 # ----------------------------------------------------------------------------------- selection
@@ -180,8 +177,13 @@ def _select_stratified(scores_P, num, gen):
   return np.concatenate([gen.choice(b, size=q, replace=False) for b, q in zip(bins, quota_B)])
 
 
-_SELECTORS = {"weighted": _select_weighted, "greedy": _select_greedy,
-              "uniform": _select_uniform, "stratified": _select_stratified}
+# Selection methods by name: (scores [P], how many, numpy Generator) -> indices.
+SELECTORS = registry.Registry("selection method")
+SELECTORS.register("weighted", _select_weighted)
+SELECTORS.register("greedy", _select_greedy)
+SELECTORS.register("uniform", _select_uniform)
+SELECTORS.register("stratified", _select_stratified)
+SELECTION_METHODS = SELECTORS.names()
 
 
 def select(scores, *, fraction: float, method: str = "weighted", rng) -> np.ndarray:
@@ -210,15 +212,14 @@ def select(scores, *, fraction: float, method: str = "weighted", rng) -> np.ndar
   bad_P = ~np.isfinite(scores_P)
   if bad_P.any():
     raise ValueError(f"non-finite scores at prompt index(es) {np.flatnonzero(bad_P)[:20].tolist()}")
-  if method not in _SELECTORS:
-    raise ValueError(f"unknown selection method {method!r}; expected one of {SELECTION_METHODS}")
+  select_fn = SELECTORS.get(method)
   num = num_selected(scores_P.size, fraction)
   gen = numpy_rng(rng)
   if scores_P.size > 1 and scores_P.max() == scores_P.min() and method != "uniform":
     log.warning("all %d informativeness scores equal %g: selecting uniformly instead of %r",
                 scores_P.size, scores_P[0], method)
-    method = "uniform"
-  return np.sort(_SELECTORS[method](scores_P, num, gen)).astype(np.int64)
+    select_fn = SELECTORS.get("uniform")
+  return np.sort(select_fn(scores_P, num, gen)).astype(np.int64)
 
 
 # -------------------------------------------------------------------------- evolution requests
@@ -337,6 +338,23 @@ class Evolver(Protocol):
   def evolve(self, prompts: Sequence[PromptRecord], *, rng: Any,
              iteration: int) -> list[Candidate]:
     ...
+
+
+# Evolvers by name: factory(creator_cfg, *, source, policy) -> Evolver, where creator_cfg is the
+# config's `creator` section, source an `eva_jax.sources` prompt source and policy the current
+# `eva_jax.stages.Policy`. eva_jax.lm_evolver registers "lm".
+EVOLVERS = registry.Registry("evolver")
+
+
+@EVOLVERS.register("synthetic")
+def source_evolver(creator_cfg, *, source, policy) -> Evolver:
+  """The prompt source's own programmatic evolver (the synthetic tasks have one)."""
+  del policy
+  evolver = source.evolver(creator_cfg)
+  if evolver is None:
+    raise ValueError(f"creator.evolver 'synthetic': prompt source {source.name!r} has no "
+                     "evolver of its own; use 'lm'")
+  return evolver
 
 
 def _chains(candidates: Sequence[Candidate], selected: set[str]) -> list[list[Candidate]]:

@@ -17,6 +17,14 @@ Ids come from `id`, `prompt_id` or `question_id` (in that order); a row without 
 `.json` file). `source` is the row's own `source` field when it has one, else the layout's name;
 `category` is the row's `category` or "" (Arena-Hard's `cluster` is not kept).
 
+Prompt files are untrusted input; each of these is refused with a ValueError naming the file and
+line (`.jsonl`, `.txt`), item (`.json`) or row (`.parquet`), never truncated or skipped: a
+`.jsonl` / `.txt` line longer than `MAX_LINE_BYTES` (checked before it is parsed, so one huge
+line never fills memory; the bound includes a JSONL row's other fields; `.json` and `.parquet`
+files are read whole); bytes that are not UTF-8; a NUL byte in a line; a prompt longer than
+`MAX_PROMPT_CHARS` characters; a prompt or id holding a NUL character or a lone surrogate
+(JSON's "\\u0000", "\\ud800" escapes), which no tokenizer or UTF-8 writer takes.
+
 `PromptSet` is a tfds builder over the same readers: its config names the layout and the file
 patterns it reads from `manual_dir`; it writes `array_record` in file order (shuffling off,
 integer keys) and is read back with `as_data_source` — no TensorFlow involved. Note that tfds
@@ -42,6 +50,11 @@ import tensorflow_datasets as tfds
 FORMATS = ("jsonl", "arena_hard", "ultrafeedback")
 _ID_KEYS = ("id", "prompt_id", "question_id")
 _TEXT_KEYS = ("prompt", "instruction")
+# A prompt longer than this (in characters) is an error: the longest prompts of the sets we read
+# (Arena-Hard, UltraFeedback, AlpacaEval) are a few thousand characters.
+MAX_PROMPT_CHARS = 100_000
+# A .jsonl / .txt line longer than this (in bytes) is an error before it is decoded or parsed.
+MAX_LINE_BYTES = 4 * 1024 * 1024
 _PARQUET_COLUMNS = ("prompt", "instruction", "id", "prompt_id", "question_id", "source",
                     "category")
 # A tfds spec for a prepared prompt set: "prompt_set/<config>" with an optional ":<version>".
@@ -65,12 +78,24 @@ class PromptExample:
   category: str = ""
 
 
+def _check_text(text: str, what: str, where: str) -> str:
+  """`text`, or ValueError if it holds a NUL character or a lone surrogate."""
+  if "\0" in text:
+    raise ValueError(f"{where}: the {what} contains a NUL character (at {text.index(chr(0))})")
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(f"{where}: the {what} is not valid Unicode ({e.reason} at "
+                     f"{e.start})") from None
+  return text
+
+
 def _scalar_id(value: Any, where: str) -> Optional[str]:
   if value is None:
     return None
   if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
     raise ValueError(f"{where}: id must be a non-empty string or an integer, got {value!r:.80}")
-  return str(value)
+  return _check_text(str(value), "id", where)
 
 
 def _first_turn(turns: Any, where: str) -> Any:
@@ -112,6 +137,10 @@ def example_from_row(row: Any, *, fmt: str, fallback_id: str, where: str) -> Pro
                        f"fields are {sorted(row)}")
   if not isinstance(text, str) or not text.strip():
     raise ValueError(f"{where}: the prompt must be a non-empty string, got {text!r:.80}")
+  if len(text) > MAX_PROMPT_CHARS:
+    raise ValueError(f"{where}: the prompt has {len(text)} characters, more than "
+                     f"MAX_PROMPT_CHARS={MAX_PROMPT_CHARS}")
+  _check_text(text, "prompt", where)
   prompt_id = next((_scalar_id(row[k], where) for k in _ID_KEYS if row.get(k) is not None),
                    fallback_id)
   source = row.get("source")
@@ -121,29 +150,56 @@ def example_from_row(row: Any, *, fmt: str, fallback_id: str, where: str) -> Pro
                        category=category if isinstance(category, str) else "")
 
 
-def _jsonl_rows(path: epath.Path) -> Iterator[tuple[int, Any]]:
-  with path.open("r", encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
+def _lines(path: epath.Path) -> Iterator[tuple[int, str]]:
+  """(1-based line number, text) of every line of a UTF-8 file; ValueError naming file:line for
+  a line over MAX_LINE_BYTES, a NUL byte or bytes that are not UTF-8."""
+  with path.open("rb") as f:
+    line_number = 0
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+      line_number += 1
+      where = f"{path}:line {line_number}"
+      if len(raw.rstrip(b"\r\n")) > MAX_LINE_BYTES:
+        raise ValueError(f"{where}: longer than MAX_LINE_BYTES={MAX_LINE_BYTES} bytes")
+      if b"\0" in raw:
+        raise ValueError(f"{where}: contains a NUL byte (at byte {raw.index(0) + 1})")
       try:
-        yield line_number, json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:line {line_number}: not valid JSON ({e.msg})") from None
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start + 1})") from None
+      yield line_number, line
+
+
+def _jsonl_rows(path: epath.Path) -> Iterator[tuple[int, Any]]:
+  for line_number, line in _lines(path):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as e:
+      raise ValueError(f"{path}:line {line_number}: not valid JSON "
+                       f"({getattr(e, 'msg', 'nested too deeply')})") from None
+    yield line_number, row
 
 
 def _text_rows(path: epath.Path) -> Iterator[tuple[int, Any]]:
-  with path.open("r", encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
-      if line.strip():
-        yield line_number, line.rstrip("\r\n")
+  for line_number, line in _lines(path):
+    if line.strip():
+      yield line_number, line.rstrip("\r\n")
 
 
 def _json_array_rows(path: epath.Path) -> Iterator[tuple[int, Any]]:
+  raw = path.read_bytes()
   try:
-    rows = json.loads(path.read_text(encoding="utf-8"))
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line_number = raw.count(b"\n", 0, e.start) + 1
+    raise ValueError(f"{path}:line {line_number}: not valid UTF-8 ({e.reason})") from None
+  try:
+    rows = json.loads(text)
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+  except RecursionError:
+    raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
   if not isinstance(rows, list):
     raise ValueError(f"{path}: a .json prompt file must hold a list, got {type(rows).__name__}")
   yield from enumerate(rows)

@@ -13,7 +13,7 @@ Formats (field names as the judges' own answer generators write them):
 
 Both judges take the model name from the answer file's name, so name it `<model_id>.jsonl`.
 `answer_id` is derived from (model_id, question_id) rather than random so that a re-export gives
-the same file. Writers write atomically (temporary file in the target folder, then rename);
+the same file. Writers write atomically (`fileio.atomic_write`; paths may be local or gs://);
 validators raise ValueError naming the line (or item) and field at fault.
 """
 from __future__ import annotations
@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import tempfile
 import time
 import uuid
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+
+from eva_jax import fileio
 
 # shortuuid's alphabet (no 0/1/I/O/l) and length: 22 symbols of base 57 hold 128 bits.
 _ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
@@ -42,23 +43,6 @@ def answer_id(model_id: str, question_id: Any) -> str:
     value, digit = divmod(value, len(_ALPHABET))
     digits.append(_ALPHABET[digit])
   return "".join(reversed(digits))
-
-
-def _atomic_write(path: str | os.PathLike, text: str) -> None:
-  path = os.path.abspath(os.fspath(path))
-  folder = os.path.dirname(path)
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.unlink(tmp_path)
-    raise
 
 
 def _jsonl(records: Sequence[dict]) -> str:
@@ -119,7 +103,7 @@ def write_alpaca_eval(path: str | os.PathLike, instructions: Sequence[str],
     if dataset is not None:
       record["dataset"] = dataset
     records.append(record)
-  _atomic_write(path, json.dumps(records, ensure_ascii=False, indent=1) + "\n")
+  fileio.atomic_write(path, json.dumps(records, ensure_ascii=False, indent=1) + "\n")
 
 
 def write_arena_hard(path: str | os.PathLike, question_ids: Sequence[str], outputs: Sequence[str],
@@ -149,7 +133,7 @@ def write_arena_hard(path: str | os.PathLike, question_ids: Sequence[str], outpu
     records.append({"question_id": qid, "answer_id": answer_id(model_id, qid),
                     "model_id": model_id, "choices": [{"index": 0, "turns": [turn]}],
                     "tstamp": stamp})
-  _atomic_write(path, _jsonl(records))
+  fileio.atomic_write(path, _jsonl(records))
 
 
 def write_mt_bench(path: str | os.PathLike, question_ids: Sequence[Any],
@@ -170,7 +154,7 @@ def write_mt_bench(path: str | os.PathLike, question_ids: Sequence[Any],
   records = [{"question_id": qid, "answer_id": answer_id(model_id, qid), "model_id": model_id,
               "choices": [{"index": 0, "turns": list(turns)}], "tstamp": stamp}
              for qid, turns in zip(question_ids, turns_outputs)]
-  _atomic_write(path, _jsonl(records))
+  fileio.atomic_write(path, _jsonl(records))
 
 
 def _require(obj: dict, key: str, types: tuple, where: str, *, non_empty: bool = False) -> Any:
@@ -187,8 +171,7 @@ def _require(obj: dict, key: str, types: tuple, where: str, *, non_empty: bool =
 def validate_alpaca_eval(path: str | os.PathLike) -> list[dict]:
   """Checks an AlpacaEval model-outputs file; returns its records."""
   try:
-    with open(path, encoding="utf-8") as f:
-      records = json.load(f)
+    records = json.loads(fileio.read_text(path))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
   if not isinstance(records, list) or not records:
@@ -206,18 +189,17 @@ def validate_alpaca_eval(path: str | os.PathLike) -> list[dict]:
 
 def _read_jsonl(path: str | os.PathLike) -> list[tuple[str, dict]]:
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
-      where = f"{path}:{line_number}"
-      if not line.strip():
-        raise ValueError(f"{where}: blank line")
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise ValueError(f"{where}: must be an object, got {type(row).__name__}")
-      rows.append((where, row))
+  for line_number, line in enumerate(fileio.iter_lines(path), start=1):
+    where = f"{path}:{line_number}"
+    if not line.strip():
+      raise ValueError(f"{where}: blank line")
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+      raise ValueError(f"{where}: must be an object, got {type(row).__name__}")
+    rows.append((where, row))
   if not rows:
     raise ValueError(f"{path}: no answers (empty file)")
   return rows

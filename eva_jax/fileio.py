@@ -2,9 +2,11 @@
 
 Everything the project writes or reads back from a workdir (stage artifacts, metrics, the prompt
 buffer, exports, the report and its plots, checkpoints' folder) goes through these functions,
-which sit on etils' `epath` (local paths via `os`, `gs://` via gcsfs / tf.io.gfile).
+which sit on etils' `epath` (local paths via `os`; `gs://` via tf.io.gfile when TensorFlow is
+installed, else fsspec's gcsfs, which honours STORAGE_EMULATOR_HOST).
 
-Atomicity: `atomic_write` never leaves a half-written file under the final name.
+Atomicity: `atomic_write` and `atomic_writer` never leave a half-written file under the final
+name.
 - local: write `name.tmp<pid>` in the same folder, fsync it, `os.replace` it onto the name,
   fsync the folder (so the rename itself survives a power loss);
 - object stores (`gs://`): one upload; the object appears only once it is complete (GCS
@@ -14,9 +16,11 @@ the name is untouched.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
-from typing import Iterator, Union
+from typing import BinaryIO, Iterator, Union
 
 from etils import epath
 
@@ -37,12 +41,20 @@ def join(p: PathLike, *parts: str) -> str:
   return os.fspath(path(p).joinpath(*parts))
 
 
+def absolute(p: PathLike) -> epath.Path:
+  """Local paths made absolute (Orbax wants that); URLs are absolute already."""
+  return path(os.path.abspath(os.fspath(p))) if is_local(p) else path(p)
+
+
 def exists(p: PathLike) -> bool:
   return path(p).exists()
 
 
 def makedirs(p: PathLike) -> None:
-  path(p).mkdir(parents=True, exist_ok=True)
+  """Creates a local folder and its parents. A no-op on object stores: they have no folders,
+  and gcsfs would otherwise create a missing *bucket* from a mistyped workdir."""
+  if is_local(p):
+    os.makedirs(os.fspath(p), exist_ok=True)
 
 
 def listdir(p: PathLike) -> list[str]:
@@ -58,7 +70,7 @@ def read_bytes(p: PathLike) -> bytes:
 
 
 def read_text(p: PathLike) -> str:
-  return path(p).read_text()
+  return read_bytes(p).decode("utf-8")
 
 
 def open_file(p: PathLike, mode: str = "r"):
@@ -87,19 +99,24 @@ def _fsync_dir(folder: str) -> None:
     os.close(fd)
 
 
-def atomic_write(p: PathLike, data: Union[bytes, str]) -> None:
-  """Writes `data` under `p` all or nothing (see the module docstring); creates the folder."""
-  raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+@contextlib.contextmanager
+def atomic_writer(p: PathLike) -> Iterator[BinaryIO]:
+  """A binary file whose bytes appear under `p` all at once when the block exits cleanly, and
+  never when it raises (see the module docstring); creates the folder. Local files stream to the
+  temp name (a large safetensors shard needs no second copy in memory); object-store files are
+  held in memory and uploaded once at the end."""
   target = path(p)
-  makedirs(target.parent)
   if not is_local(target):
-    target.write_bytes(raw)
+    buf = io.BytesIO()
+    yield buf
+    target.write_bytes(buf.getvalue())
     return
+  makedirs(target.parent)
   final = os.fspath(target)
   tmp = f"{final}.tmp{os.getpid()}"
   try:
     with open(tmp, "wb") as f:
-      f.write(raw)
+      yield f
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, final)
@@ -110,19 +127,26 @@ def atomic_write(p: PathLike, data: Union[bytes, str]) -> None:
   _fsync_dir(os.path.dirname(final) or ".")
 
 
+def atomic_write(p: PathLike, data: Union[bytes, str]) -> None:
+  """Writes `data` (str as UTF-8) under `p` all or nothing; creates the folder."""
+  with atomic_writer(p) as f:
+    f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
 def append_text(p: PathLike, text: str) -> None:
-  """Appends to a log-like file (metrics.jsonl). Local: a plain append; object stores cannot
-  append, so the object is rewritten whole (metrics files stay small)."""
+  """Appends to a log-like file. Local: a plain append; object stores cannot append, so the
+  object is read and rewritten whole (callers that append often batch their text first)."""
   target = path(p)
   if is_local(target):
     makedirs(target.parent)
-    with open(os.fspath(target), "a") as f:
+    with open(os.fspath(target), "a", encoding="utf-8") as f:
       f.write(text)
     return
-  old = target.read_text() if target.exists() else ""
+  old = read_text(target) if target.exists() else ""
   atomic_write(target, old + text)
 
 
 def iter_lines(p: PathLike) -> Iterator[str]:
-  with path(p).open("r") as f:
-    yield from f
+  """The lines of a UTF-8 text file, each with its "\\n" (split on "\\n" only, as a file
+  object would, so a U+2028 inside a JSON string does not split a line)."""
+  yield from io.StringIO(read_text(p), newline="\n")

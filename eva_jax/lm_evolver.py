@@ -10,8 +10,8 @@ One step of one chain:
    prompt, another selected prompt (the original text, not its chain's rewrite);
 2. `creator.render_evolution_request` writes the meta-prompt, the creator's chat template turns
    it into token ids (one user turn plus the generation prompt);
-3. `eva_jax.sampling.sample` draws one reply, batched over every chain at this step (chunks of
-   `batch_size` requests), and the reply's tokens up to its eos are decoded;
+3. `eva_jax.sampling.sample_batched` draws one reply, batched over every chain at this step
+   (chunks of `batch_size` requests), and the reply's tokens up to its eos are decoded;
 4. `creator.parse_evolved` reads the new prompt out of the reply.
 
 A chain stops early (no later steps) when:
@@ -35,10 +35,10 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 import jax
 import numpy as np
 
-from eva_jax import creator, sampling, sharding
+from eva_jax import creator, sampling
 from eva_jax.buffer import PromptRecord
 from eva_jax.models.config import ModelConfig
-from eva_jax.models.tokenizer import Tokenizer, pad_sequences
+from eva_jax.models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -123,22 +123,18 @@ def generate_replies(config: ModelConfig, params: dict, tokenizer: Tokenizer,
                      mesh=None) -> list[tuple[str, bool]]:
   """One sampled reply per tokenised request -> [(decoded text, finished)] in request order.
 
-  Requests go to `sampling.sample` in chunks of at most `batch_size` (right-padded); chunk c
-  samples with `fold_in(rng, c)`. The text is the reply's tokens up to and including its eos,
-  decoded without special tokens; finished is False when it hit `max_new_tokens` first.
+  Requests go through `sampling.sample_batched` in chunks of at most `batch_size` (the chunk at
+  request `start` samples with `fold_in(rng, start)`). The text is the reply's tokens up to and
+  including its eos, decoded without special tokens; finished is False when it hit
+  `max_new_tokens` first.
   """
-  replies = []
-  for chunk, start in enumerate(range(0, len(requests), batch_size)):
-    ids_BxP, mask_BxP = pad_sequences(requests[start:start + batch_size], tokenizer.pad_id)
-    out = sampling.sample(config, params, ids_BxP, mask_BxP, rng=jax.random.fold_in(rng, chunk),
-                          num_samples=1, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, eos_ids=tokenizer.eos_ids, mesh=mesh)
-    tokens_BxT = sharding.to_host(out.tokens)[:, 0]
-    lengths_B = sharding.to_host(out.lengths)[:, 0]
-    finished_B = sharding.to_host(out.finished)[:, 0]
-    replies += [(tokenizer.decode(tokens_T[:length]), bool(finished))
-                for tokens_T, length, finished in zip(tokens_BxT, lengths_B, finished_B)]
-  return replies
+  out = sampling.sample_batched(config, params, requests, rng=rng, batch_size=batch_size,
+                                num_samples=1, max_new_tokens=max_new_tokens,
+                                pad_id=tokenizer.pad_id, temperature=temperature, top_p=top_p,
+                                eos_ids=tokenizer.eos_ids, mesh=mesh)
+  return [(tokenizer.decode(tokens_T[:length]), bool(finished))
+          for tokens_T, length, finished in zip(out.tokens[:, 0], out.lengths[:, 0],
+                                                out.finished[:, 0])]
 
 
 def _positive_int(name: str, value) -> int:
@@ -256,3 +252,12 @@ class LMEvolver:
                step, len(requests), len(alive), unfinished, self.max_new_tokens)
     return [cand for i in range(len(records)) for cand in candidates[i]]
 
+
+
+@creator.EVOLVERS.register("lm")
+def from_config(creator_cfg, *, source, policy) -> LMEvolver:
+  """The policy θ_t as its own creator (`creator.EVOLVERS` factory); source is unused."""
+  del source
+  return LMEvolver(policy.model_config, policy.params, policy.tokenizer,
+                   num_chained=creator_cfg.num_evolutions, depth_prob=creator_cfg.depth_prob,
+                   mesh=policy.mesh)

@@ -14,8 +14,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   import jax
-  from eva_jax import runner
-  runner.init_distributed()
+  from eva_jax import context, runner
+  context.init_distributed()
   logging.info("JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
   runner.run(_CONFIG.value, _WORKDIR.value)

@@ -6,7 +6,7 @@ and the evolved-prompt lineage counts by method.
 """
 from __future__ import annotations
 
-import os
+import io
 from typing import Sequence
 
 import matplotlib
@@ -15,15 +15,17 @@ matplotlib.use("Agg")  # Headless: the report is written on TPU VMs and CI alike
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from eva_jax import fileio  # noqa: E402
 from eva_jax import workdir as wd  # noqa: E402
 
 
 def _save(fig, path: str) -> None:
+  """Renders in memory, then one atomic write (a local file or a gs:// object)."""
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=90)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=90)
   plt.close(fig)
-  os.replace(tmp, path)
+  fileio.atomic_write(path, png.getvalue())
 
 
 def write_report(workdir: str, iterations: Sequence[dict], lineage: dict[str, int]) -> str:
@@ -32,8 +34,7 @@ def write_report(workdir: str, iterations: Sequence[dict], lineage: dict[str, in
    "heldout_by_level" (dict level -> reward), "win_rate" (optional)}."""
   if not wd.is_writer():
     return ""
-  plots = os.path.join(workdir, "plots")
-  os.makedirs(plots, exist_ok=True)
+  plots = fileio.join(workdir, "plots")
 
   fig, ax = plt.subplots(figsize=(6, 3.5))
   for it in iterations:
@@ -41,7 +42,7 @@ def write_report(workdir: str, iterations: Sequence[dict], lineage: dict[str, in
       ax.hist(np.asarray(it["rewards"]), bins=20, alpha=0.5, label=f"iter {it['iteration']}")
   ax.set(xlabel="reward", ylabel="samples", title="Reward of sampled responses")
   ax.legend(fontsize=7)
-  _save(fig, os.path.join(plots, "rewards.png"))
+  _save(fig, fileio.join(plots, "rewards.png"))
 
   fig, ax = plt.subplots(figsize=(6, 3.5))
   for it in iterations:
@@ -50,7 +51,7 @@ def write_report(workdir: str, iterations: Sequence[dict], lineage: dict[str, in
               label=f"iter {it['iteration']}")
   ax.set(xlabel="informativeness", ylabel="prompts", title="Prompt informativeness")
   ax.legend(fontsize=7)
-  _save(fig, os.path.join(plots, "informativeness.png"))
+  _save(fig, fileio.join(plots, "informativeness.png"))
 
   fig, ax = plt.subplots(figsize=(6, 3.5))
   xs = [it["iteration"] for it in iterations]
@@ -62,14 +63,14 @@ def write_report(workdir: str, iterations: Sequence[dict], lineage: dict[str, in
   ax.set(xlabel="iteration (0 = warm-start)", ylabel="held-out reward",
          title="Held-out reward over iterations")
   ax.legend(fontsize=7)
-  _save(fig, os.path.join(plots, "heldout.png"))
+  _save(fig, fileio.join(plots, "heldout.png"))
 
   fig, ax = plt.subplots(figsize=(6, 3.5))
   names = sorted(lineage)
   ax.bar(range(len(names)), [lineage[n] for n in names])
   ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
   ax.set(ylabel="prompts", title="Prompt buffer by method")
-  _save(fig, os.path.join(plots, "lineage.png"))
+  _save(fig, fileio.join(plots, "lineage.png"))
 
   lines = ["# eva run report", "", "| iteration | held-out reward | win rate vs warm-start | "
            "mean sample reward | mean informativeness |", "|---|---|---|---|---|"]
@@ -84,9 +85,6 @@ def write_report(workdir: str, iterations: Sequence[dict], lineage: dict[str, in
   lines += ["", "Prompt buffer: " + ", ".join(f"{k}: {v}" for k, v in sorted(lineage.items())),
             "", "![rewards](plots/rewards.png)", "![informativeness](plots/informativeness.png)",
             "![held-out](plots/heldout.png)", "![lineage](plots/lineage.png)", ""]
-  path = os.path.join(workdir, "report.md")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write("\n".join(lines))
-  os.replace(tmp, path)
+  path = fileio.join(workdir, "report.md")
+  fileio.atomic_write(path, "\n".join(lines))
   return path

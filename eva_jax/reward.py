@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from eva_jax import models
+from eva_jax import models, registry
 from eva_jax import sharding as sharding_lib
 
 _log = logging.getLogger(__name__)
@@ -277,7 +277,8 @@ class NeuralScorer(Scorer):
   `score_sequences` with lengths padded to `length_buckets` (default: powers of two >= 16, and
   max_length). `tokenizer` needs `apply_chat_template(messages, add_generation_prompt=...)
   -> list[int]` and `pad_id` (and `bos_id`, if it has one) -- `eva_jax.models.tokenizer.Tokenizer`.
-  With a mesh, params should already be placed on it (`hf.load(..., mesh=mesh)`).
+  With a mesh, params should already be placed on it (`hf.load(..., shardings=
+  sharding.param_shardings_for(mesh))`).
   """
 
   def __init__(self, config: models.ModelConfig, params: dict, tokenizer, *, max_length: int,
@@ -323,9 +324,33 @@ def load_reward_model(path: str, *, dtype: str = "float32", mesh=None, max_lengt
                       length_buckets: Optional[Sequence[int]] = None) -> NeuralScorer:
   """A NeuralScorer for a local HF `*ForSequenceClassification` folder and its tokenizer."""
   from eva_jax.models import hf, tokenizer as tokenizer_lib
-  config, params = hf.load(path, dtype=dtype, mesh=mesh)
+  config, params = hf.load(path, dtype=dtype, shardings=sharding_lib.param_shardings_for(mesh))
   if not config.is_reward_model:
     raise ValueError(f"{path}: a causal LM, not a reward model (*ForSequenceClassification)")
   return NeuralScorer(config, params, tokenizer_lib.load_tokenizer(path), max_length=max_length,
                       batch_size=batch_size, mesh=mesh, length_buckets=length_buckets,
                       truncated_penalty=truncated_penalty)
+
+
+# Scorers by name: factory(reward_cfg, *, source, dtype, mesh) -> Scorer, where reward_cfg is the
+# config's `reward` section and source an `eva_jax.sources` prompt source.
+SCORERS = registry.Registry("scorer")
+
+
+@SCORERS.register("synthetic")
+def programmatic_scorer(reward_cfg, *, source, dtype=None, mesh=None) -> ProgrammaticScorer:
+  """The prompt source's own checker (the synthetic tasks have one)."""
+  del dtype, mesh
+  if source.checker is None:
+    raise ValueError(f"reward.kind 'synthetic': prompt source {source.name!r} has no "
+                     "programmatic checker; use 'neural'")
+  return ProgrammaticScorer(source.checker, truncated_penalty=reward_cfg.truncated_penalty)
+
+
+@SCORERS.register("neural")
+def neural_scorer(reward_cfg, *, source=None, dtype: str = "float32", mesh=None) -> NeuralScorer:
+  """The reward model in the local HF folder `reward_cfg.path`."""
+  del source
+  return load_reward_model(reward_cfg.path, dtype=dtype, mesh=mesh,
+                           max_length=reward_cfg.max_length, batch_size=reward_cfg.batch_size,
+                           truncated_penalty=reward_cfg.truncated_penalty)

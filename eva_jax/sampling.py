@@ -5,9 +5,10 @@
    KV cache; only the last real token of each prompt goes through the LM head.
 2. decode (a second jit; the cache is donated, so the loop updates it in place and never copies
    it): the first token of every row comes from the prefill logits, then a `lax.while_loop`
-   feeds one token per step (`sampling_step.decode_step`) until `max_new_tokens`, or until every
-   row has emitted one of `eos_ids`. Rows are prompt-major (row b * N + n). The N samples of a
-   prompt read its prompt cache without repeating it; their own tokens go to a per-row cache.
+   feeds one token per step (`models.sample_step`: the model's own layers over a
+   `models.SplitCache`) until `max_new_tokens`, or until every row has emitted one of
+   `eos_ids`. Rows are prompt-major (row b * N + n). The N samples of a prompt read its prompt
+   cache without repeating it; their own tokens go to a per-row cache.
 
 Prompts may be right- or left-padded (or both): positions come from the mask, the last real
 token is each row's rightmost masked token, and padded slots are never attended. Prompt widths
@@ -19,6 +20,13 @@ strictly-more-probable tokens carry less than `top_p` of the mass (transformers'
 at the boundary are kept or dropped together). Sorting the vocabulary for top-p is avoided (see
 `_sample_vocab`). Returned log-probs are of the *unmodified* model distribution (temperature 1,
 no truncation): `log_softmax(forward(prompt + response))` read at each sampled token.
+
+Sampling never hangs: a row whose logits are not finite (NaN or +inf from the model, or
+logits / temperature overflowing float32) is stopped where it happens and `sample` raises one
+ValueError naming the prompt row, the sample and the step. Temperatures in (0, MIN_TEMPERATURE)
+are refused up front (logits / temperature stays finite for |logits| < 3e32 at the bound); the
+nucleus loop is capped at V rounds (each rejection removes at least one token from the support,
+so an exact draw never needs more), with the argmax as the fallback.
 
 Axis letters: B prompts (or rows of a selection), P prompt width, N samples per prompt,
 R = B * N decode rows, T new tokens, V vocabulary, C blocks of W vocabulary entries; in the
@@ -35,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eva_jax import models, sampling_step, sharding
+from eva_jax import models, sharding
 from eva_jax.models.config import ModelConfig
 
 # Traces of each jitted stage; a test reads it to check the bucketing bounds recompiles.
@@ -44,6 +52,8 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 _BLOCK = 128  # Vocabulary block of the two-level inverse-CDF draw.
 _MAX_EOS = 8  # eos ids are padded to this many so their number does not recompile.
 _MIN_PROMPT_BUCKET = 8
+# Smallest positive temperature: float32 max / 1e6 = 3.4e32 bounds the logits that stay finite.
+MIN_TEMPERATURE = 1e-6
 
 
 class SampleOutput(NamedTuple):
@@ -85,7 +95,7 @@ def _uniforms(keys_B: jax.Array, step, count: int) -> jax.Array:
 
 
 def _sample_vocab(logits_BxV: jax.Array, keys_B: jax.Array, temperature, top_p,
-                  nucleus: bool) -> jax.Array:
+                  nucleus: bool, skip_B: jax.Array) -> jax.Array:
   """Exact draw from softmax(logits / temperature), restricted to the top-p nucleus if `nucleus`.
 
   Without sorting: adaptive rejection sampling. Each round draws a candidate c from the weights
@@ -97,6 +107,10 @@ def _sample_vocab(logits_BxV: jax.Array, keys_B: jax.Array, temperature, top_p,
   nucleus distribution. The support strictly shrinks on every rejection, so the loop ends; the
   acceptance rate starts at >= top_p and rises. One pass over [B, V] per round computes the
   block sums of e[e > e_c], which give both M(c) and the next round's proposal.
+
+  Rows in `skip_B` (non-finite logits: their token is discarded) never enter the loop, and the
+  loop stops after V rounds whatever happens (the support has at most V tokens); a row still
+  undecided then takes its argmax, which is always in the nucleus.
   """
   b, v = logits_BxV.shape
   num_blocks = -(-v // _BLOCK)
@@ -129,8 +143,10 @@ def _sample_vocab(logits_BxV: jax.Array, keys_B: jax.Array, temperature, top_p,
     lam_B = jnp.where(rejected_B, e_cand_B, lam_B)
     return step + 1, token_B, accepted_B | ok_B, block_mass_BxC, lam_B
 
-  state = (0, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), block_mass_BxC, lam0_B)
-  return jax.lax.while_loop(lambda s: ~s[2].all(), body, state)[1]
+  state = (0, jnp.zeros((b,), jnp.int32), skip_B, block_mass_BxC, lam0_B)
+  _, token_B, accepted_B, _, _ = jax.lax.while_loop(lambda s: ~s[2].all() & (s[0] < v), body,
+                                                    state)
+  return jnp.where(accepted_B, token_B, jnp.argmax(logits_BxV, axis=-1))
 
 
 def _sample_top_k(logits_BxV: jax.Array, keys_B: jax.Array, temperature, top_p, top_k: int,
@@ -152,17 +168,25 @@ def _sample_top_k(logits_BxV: jax.Array, keys_B: jax.Array, temperature, top_p, 
 
 def _select(logits_BxV, keys_B, temperature, top_p, *, top_k: int, greedy: bool,
             nucleus: bool):
-  """(tokens int32 [B], temperature-1 log-probs float32 [B]); the flags are static."""
+  """(tokens int32 [B], temperature-1 log-probs float32 [B]); the flags are static.
+
+  A row whose logits (divided by the temperature) have a NaN, a +inf or no finite maximum gets
+  token -1 and log-prob NaN.
+  """
   logits_BxV = logits_BxV.astype(jnp.float32)
+  # max(logits) / T = max(logits / T) for T > 0, and a NaN anywhere makes the max NaN.
+  top_B = logits_BxV.max(axis=-1)
+  bad_B = ~jnp.isfinite(top_B if greedy else top_B / temperature)
   if greedy:
     token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   elif top_k:
     token_B = _sample_top_k(logits_BxV, keys_B, temperature, top_p, top_k, nucleus)
   else:
-    token_B = _sample_vocab(logits_BxV, keys_B, temperature, top_p, nucleus)
+    token_B = _sample_vocab(logits_BxV, keys_B, temperature, top_p, nucleus, bad_B)
   token_B = token_B.astype(jnp.int32)
   picked_B = jnp.take_along_axis(logits_BxV, token_B[:, None], axis=-1)[:, 0]
-  return token_B, picked_B - jax.nn.logsumexp(logits_BxV, axis=-1)
+  logprob_B = picked_B - jax.nn.logsumexp(logits_BxV, axis=-1)
+  return jnp.where(bad_B, -1, token_B), jnp.where(bad_B, jnp.nan, logprob_B)
 
 
 def _static_flags(vocab_size: int, temperature: float, top_p: float, top_k: int,
@@ -178,7 +202,8 @@ def select_tokens(logits_BxV: jax.Array, keys_B: jax.Array, *, temperature: floa
 
   `keys_B` holds one PRNG key per row. Greedy (or temperature 0) takes the argmax; otherwise the
   draw is exact from softmax(logits / temperature) truncated to the top-k, then to the top-p
-  nucleus, and renormalised. top_k=0 and top_p=1 switch those filters off.
+  nucleus, and renormalised. top_k=0 and top_p=1 switch those filters off. A row with non-finite
+  logits (or logits / temperature) gets token -1 and log-prob NaN.
   """
   _check_sampling_args(temperature, top_p, top_k)
   flags = _static_flags(logits_BxV.shape[-1], temperature, top_p, top_k, greedy)
@@ -208,7 +233,7 @@ def _prefill(config: ModelConfig, params: dict, prompts_BxP: jax.Array, mask_BxP
   """Runs the prompts once -> (cache, last-token logits [B, V]).
 
   cache: {"prompt": [L, B, K, P, E] filled, "generated": [L, B*N, K, max(T-1, 1), E] empty}
-  (see `sampling_step`); the last generated token needs no slot.
+  (see `models.SplitCache`); the last generated token needs no slot.
   """
   TRACE_COUNTS["prefill"] += 1
   b, p = prompts_BxP.shape
@@ -221,7 +246,7 @@ def _prefill(config: ModelConfig, params: dict, prompts_BxP: jax.Array, mask_BxP
   hidden_BxD = jnp.take_along_axis(hidden_BxPxD, last_B[:, None, None], axis=1)[:, 0]
   logits_BxV = models.logits_from_hidden(config, params, hidden_BxD)
   prompt_cache = jax.tree.map(lambda c: jnp.swapaxes(c, 2, 3), prompt_cache)
-  cache = {"prompt": prompt_cache, "generated": sampling_step.init_generated_cache(
+  cache = {"prompt": prompt_cache, "generated": models.init_generated_cache(
       config, b * num_samples, max(max_new_tokens - 1, 1), cache_dtype)}
   if mesh is not None:
     cache = jax.tree.map(
@@ -236,7 +261,8 @@ def _decode(config: ModelConfig, params: dict, cache: dict, logits_BxV: jax.Arra
             temperature: jax.Array, top_p: jax.Array, *, num_samples: int, max_new_tokens: int,
             pad_id: int, top_k: int, greedy: bool, nucleus: bool, mesh):
   """The decode loop over B * N rows -> (tokens [R, T], logprobs [R, T], lengths [R], finished
-  [R]), R = B * N rows prompt-major, and the final cache.
+  [R], bad_step [R]), R = B * N rows prompt-major, and the final cache. bad_step is the step at
+  which a row met non-finite logits (the row stops there), -1 for rows that never did.
 
   The cache is returned only so that the donated input buffer is aliased to an output: the
   loop then updates it in place instead of copying it into the loop state.
@@ -256,26 +282,31 @@ def _decode(config: ModelConfig, params: dict, cache: dict, logits_BxV: jax.Arra
   eos_E = eos_E.astype(jnp.int32)
 
   def record(i, token_R, logprob_R, state):
-    tokens_RxT, logprobs_RxT, lengths_R, done_R = state
+    tokens_RxT, logprobs_RxT, lengths_R, done_R, bad_step_R = state
+    # A token of -1 marks non-finite logits: the row stops here, its error reported on the host.
+    bad_R = ~done_R & (token_R < 0)
+    bad_step_R = jnp.where(bad_R, i, bad_step_R)
+    done_R = done_R | bad_R
     token_R = jnp.where(done_R, pad_id, token_R)
     tokens_RxT = jax.lax.dynamic_update_slice(tokens_RxT, token_R[:, None], (0, i))
     logprobs_RxT = jax.lax.dynamic_update_slice(
         logprobs_RxT, jnp.where(done_R, 0.0, logprob_R)[:, None], (0, i))
     lengths_R = lengths_R + (~done_R).astype(jnp.int32)
     done_R = done_R | (token_R[:, None] == eos_E[None, :]).any(-1)
-    return tokens_RxT, logprobs_RxT, lengths_R, done_R
+    return tokens_RxT, logprobs_RxT, lengths_R, done_R, bad_step_R
 
   first_R, first_lp_R = select(jnp.repeat(logits_BxV, n, axis=0), step_keys(0))
   out = (jnp.full((r, t), pad_id, jnp.int32), jnp.zeros((r, t), jnp.float32),
-         jnp.zeros((r,), jnp.int32), ~jnp.repeat(active_B, n))
+         jnp.zeros((r,), jnp.int32), ~jnp.repeat(active_B, n), jnp.full((r,), -1, jnp.int32))
   out = record(0, _on_batch(first_R, mesh), first_lp_R, out)
 
   def body(state):
     i, cache, prev_R, out = state
     # Token i - 1 goes in; its keys/values land in generated slot i - 1.
-    hidden_RxD, new_kv = sampling_step.decode_step(
-        config, params, prev_R, prompt_len_R + i - 1, cache["prompt"], prompt_positions_BxP,
-        prompt_valid_BxP, cache["generated"], i - 1)
+    split = models.SplitCache(cache["prompt"]["k"], cache["prompt"]["v"],
+                              cache["generated"]["k"], cache["generated"]["v"],
+                              prompt_positions_BxP, prompt_valid_BxP, i - 1)
+    hidden_RxD, new_kv = models.sample_step(config, params, prev_R, prompt_len_R + i - 1, split)
     cache = dict(cache, generated=jax.tree.map(
         lambda c, kv: jax.lax.dynamic_update_slice(c, kv[:, :, :, None], (0, 0, 0, i - 1, 0)),
         cache["generated"], new_kv))
@@ -286,9 +317,10 @@ def _decode(config: ModelConfig, params: dict, cache: dict, logits_BxV: jax.Arra
   def cond(state):
     return (state[0] < t) & ~state[3][3].all()
 
-  _, cache, _, (tokens_RxT, logprobs_RxT, lengths_R, done_R) = jax.lax.while_loop(
+  _, cache, _, (tokens_RxT, logprobs_RxT, lengths_R, done_R, bad_step_R) = jax.lax.while_loop(
       cond, body, (1, cache, out[0][:, 0], out))
-  return (tokens_RxT, logprobs_RxT, lengths_R, done_R & jnp.repeat(active_B, n)), cache
+  finished_R = done_R & jnp.repeat(active_B, n) & (bad_step_R < 0)
+  return (tokens_RxT, logprobs_RxT, lengths_R, finished_R, bad_step_R), cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,8 +328,12 @@ def _decode(config: ModelConfig, params: dict, cache: dict, logits_BxV: jax.Arra
 
 
 def _check_sampling_args(temperature, top_p, top_k) -> None:
-  if not temperature >= 0:  # Also rejects NaN.
-    raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
+  if not 0 <= temperature < float("inf"):  # Also rejects NaN.
+    raise ValueError(f"sample: temperature must be >= 0 and finite, got {temperature}")
+  if 0 < temperature < MIN_TEMPERATURE:
+    raise ValueError(f"sample: temperature {temperature} is below {MIN_TEMPERATURE}, where "
+                     "logits / temperature can overflow float32; use temperature=0 (greedy, "
+                     "the cold limit) instead")
   if not 0 < top_p <= 1:
     raise ValueError(f"sample: top_p must lie in (0, 1], got {top_p}")
   if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
@@ -353,10 +389,12 @@ def sample(config: ModelConfig, params: dict, prompts, prompt_mask, *, rng: jax.
   (host arrays: they are validated and bucketed on the host).
   rng: a PRNG key; the same key gives the same output.
   eos_ids: ids that end a response (default: config.eos_token_ids; () never stops early).
-  greedy, or temperature 0: argmax decoding. top_k=0 / top_p=1 switch those filters off.
+  greedy, or temperature 0: argmax decoding; other temperatures must be >= MIN_TEMPERATURE.
+  top_k=0 / top_p=1 switch those filters off.
+  Raises ValueError naming the prompt row, sample and step if the model's logits are not finite.
   cache_dtype: the KV cache dtype (default: the model's compute dtype).
   mesh: shard the batch over its data/fsdp axes (params should already be placed, e.g. by
-    `hf.load(..., mesh=mesh)`).
+    `hf.load(..., shardings=sharding.param_shardings_for(mesh))`).
 
   Compiles once per (prompt-width bucket, batch bucket, num_samples, max_new_tokens, top_k,
   greedy, top_p < 1) combination; temperature and top_p values do not recompile.
@@ -400,8 +438,15 @@ def sample(config: ModelConfig, params: dict, prompts, prompt_mask, *, rng: jax.
                   jnp.float32(temperature if temperature > 0 else 1.0), jnp.float32(top_p),
                   num_samples=num_samples, max_new_tokens=max_new_tokens, pad_id=pad_id,
                   mesh=mesh, **flags)
-  tokens_RxT, logprobs_RxT, lengths_R, finished_R = (x[:b * num_samples] for x in out)
+  tokens_RxT, logprobs_RxT, lengths_R, finished_R, bad_step_R = (x[:b * num_samples] for x in out)
   n, t = num_samples, max_new_tokens
+  bad_step_R = sharding.to_host(bad_step_R)
+  if (bad_step_R >= 0).any():
+    row = int(np.argmax(bad_step_R >= 0))
+    raise ValueError(
+        f"sample: non-finite logits in prompt row {row // n} (sample {row % n}) at step "
+        f"{int(bad_step_R[row])} ({int((bad_step_R >= 0).sum())} row(s) in all): the model "
+        f"produced NaN or inf, or logits / temperature ({temperature}) overflowed float32")
   return SampleOutput(tokens=tokens_RxT.reshape(b, n, t), lengths=lengths_R.reshape(b, n),
                       logprobs=logprobs_RxT.reshape(b, n, t), finished=finished_R.reshape(b, n))
 

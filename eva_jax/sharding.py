@@ -3,7 +3,8 @@
 Modules only name logical axes (`embed`, `mlp`, `heads`, `act_batch`, ...); this file maps them
 onto the mesh axes (`data`, `fsdp`, `tensor`). A mesh axis that does not divide an array
 dimension is dropped for that array (the dimension is replicated), so tiny test models and odd
-head counts shard without special cases.
+head counts shard without special cases. Placement points one way: this file imports the models
+(to read their logical specs); the models never import it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from eva_jax import models
+from eva_jax.host import to_host  # noqa: F401  (re-exported: callers gather through sharding)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -41,6 +45,26 @@ DEFAULT_RULES: tuple[tuple[str, Optional[object]], ...] = (
 )
 
 
+def rules_from_config(overrides=None) -> tuple[tuple[str, Optional[object]], ...]:
+  """DEFAULT_RULES with some logical names mapped elsewhere.
+
+  overrides: a mapping {logical name: None | mesh axis | sequence of mesh axes} (e.g. a config
+  section `c.mesh.rules`), or None for the defaults. Unknown names and axes are refused.
+  """
+  rules = dict(DEFAULT_RULES)
+  for name, axes in dict(overrides or {}).items():
+    if name not in rules:
+      raise ValueError(f"sharding rules: unknown logical axis {name!r} (known: "
+                       f"{', '.join(rules)})")
+    flat = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    unknown = [a for a in flat if a not in MESH_AXES]
+    if unknown:
+      raise ValueError(f"sharding rules: {name!r} maps to unknown mesh axis {unknown[0]!r} "
+                       f"(mesh axes: {', '.join(MESH_AXES)})")
+    rules[name] = None if not flat else flat[0] if len(flat) == 1 else flat
+  return tuple(rules.items())
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A (data, fsdp, tensor) mesh; one size may be -1 for "the rest of the devices"."""
@@ -63,11 +87,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   except Exception:  # Fake CPU devices and odd shapes have no topology to exploit.
     grid = np.asarray(devices).reshape(sizes)
   return Mesh(grid, MESH_AXES)
-
-
-def mesh_from_config(mesh_cfg) -> Mesh:
-  """Builds the mesh from a config section with fields data, fsdp, tensor."""
-  return make_mesh(int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor))
 
 
 def _axis_size(mesh: Mesh, axes) -> int:
@@ -103,9 +122,16 @@ def tree_shardings(shapes, logical_specs, mesh: Mesh, rules=DEFAULT_RULES):
 
 def param_shardings(config, mesh: Mesh, rules=DEFAULT_RULES):
   """NamedShardings for the params of a ModelConfig (computed without allocating weights)."""
-  from eva_jax import models  # Avoid a cycle: models does not import sharding.
   shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
   return tree_shardings(shapes, models.param_logical_specs(config), mesh, rules)
+
+
+def param_shardings_for(mesh: Optional[Mesh], rules=DEFAULT_RULES):
+  """config -> param_shardings(config, mesh, rules): what `hf.load(path, shardings=...)` takes
+  to place every tensor as it is read. None without a mesh (nothing to place)."""
+  if mesh is None:
+    return None
+  return lambda config: param_shardings(config, mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -157,10 +183,3 @@ def optimizer_state_shardings(opt_state_shapes, params_shapes, param_shardings, 
       lambda node: param_shardings if like_params(node) else replicated(mesh),
       opt_state_shapes, is_leaf=like_params)
 
-
-def to_host(x) -> np.ndarray:
-  """A (possibly multi-host) global array as one NumPy array on every process."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))

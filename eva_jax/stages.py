@@ -1,26 +1,44 @@
-"""The stages of one eva iteration, as functions of (run context, inputs) -> artifacts.
+"""The stages of one eva iteration as pure functions: a `Policy` handle, the config section each
+needs, and plain inputs in; plain host data out.
 
-generate → score → create (select, evolve, filter; generate + score the evolved prompts) →
-pairs → reference → train → evaluate. Each returns plain host data that the runner writes to
-the workdir; none of them writes files itself, so every stage can be rerun after a kill with
-the same result.
+generate → score → create (select, evolve, filter) → pairs → reference → train → evaluate.
+No stage reads the whole config or writes files: the offline runner caches their outputs in the
+workdir, and an online loop can call generate / score / create / train as plain pieces.
+
+Config sections: `sampling_cfg` (num_samples, temperature, top_p, top_k, max_new_tokens,
+max_prompt_length, batch_size), `creator_cfg`, `train_cfg`, `sft_cfg`, `eval_cfg` are the
+config's sections of those names (any object with those attributes).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Sequence
+import types
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
 
 from eva_jax import creator, logprobs, sampling, sharding, train, train_state
 from eva_jax import workdir as wd
-from eva_jax.models.tokenizer import pad_sequences
+from eva_jax.buffer import PromptBuffer
 
 # Stage ids fold into the seed: every draw depends on (seed, iteration, stage) only.
 STAGE_IDS = {"tokenizer": 1, "init": 2, "sft": 3, "prompts": 4, "generate": 5, "score": 6,
              "create": 7, "generate_evolved": 8, "pairs": 9, "reference": 10, "train": 11,
              "evaluate": 12}
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """What a stage needs of the policy: its model config, params, tokenizer and mesh."""
+  model_config: Any
+  params: Any
+  tokenizer: Any
+  mesh: Any
+
+  def with_params(self, params) -> "Policy":
+    return dataclasses.replace(self, params=params)
 
 
 def stage_rng(seed: int, iteration: int, stage: str) -> np.random.Generator:
@@ -38,37 +56,64 @@ def prompt_ids(tokenizer, prompts: Sequence[str], max_prompt_length: int) -> lis
           for p in prompts]
 
 
-def generate(run, params, prompts: Sequence[str], *, key, num_samples: int, temperature: float,
-             max_new_tokens: int) -> dict:
-  """N responses per prompt: token ids, lengths, finished flags and decoded texts."""
-  c, tok = run.config, run.tokenizer
-  ids = prompt_ids(tok, prompts, c.sampling.max_prompt_length)
-  tokens, lengths, finished = [], [], []
-  # sampling.batch_size prompts per call bound the KV cache (and the compiles).
-  chunk_size = c.sampling.batch_size
-  for start in range(0, len(ids), chunk_size):
-    chunk = ids[start:start + chunk_size]
-    prompt_BxP, mask_BxP = pad_sequences(chunk, tok.pad_id)
-    out = sampling.sample(
-        run.model_config, params, prompt_BxP, mask_BxP,
-        rng=jax.random.fold_in(key, start), num_samples=num_samples,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=c.sampling.top_p,
-        top_k=c.sampling.top_k, eos_ids=tok.eos_ids, greedy=temperature == 0, mesh=run.mesh)
-    wd.kill_point("sampling")
-    tokens.append(sharding.to_host(out.tokens))
-    lengths.append(sharding.to_host(out.lengths))
-    finished.append(sharding.to_host(out.finished))
-  tokens_PxNxT = np.concatenate(tokens)
-  lengths_PxN = np.concatenate(lengths)
-  texts = [[tok.decode(tokens_PxNxT[p, n, :lengths_PxN[p, n]]) for n in range(num_samples)]
+# ---------------------------------------------------------------------------------------------
+# generate, score, create
+
+
+def generate(policy: Policy, prompts: Sequence[str], *, key, sampling_cfg) -> dict:
+  """N responses per prompt -> {tokens [P, N, T], lengths [P, N], finished [P, N], texts}.
+
+  Chunks of sampling_cfg.batch_size prompts (they bound the KV cache and the compiles); the
+  chunk at prompt `start` samples with fold_in(key, start).
+  """
+  s, tok = sampling_cfg, policy.tokenizer
+  out = sampling.sample_batched(
+      policy.model_config, policy.params, prompt_ids(tok, prompts, s.max_prompt_length),
+      rng=key, batch_size=s.batch_size, num_samples=s.num_samples,
+      max_new_tokens=s.max_new_tokens, pad_id=tok.pad_id, temperature=s.temperature,
+      top_p=s.top_p, top_k=s.top_k, eos_ids=tok.eos_ids, greedy=s.temperature == 0,
+      mesh=policy.mesh)
+  wd.kill_point("sampling")
+  texts = [[tok.decode(out.tokens[p, n, :out.lengths[p, n]]) for n in range(s.num_samples)]
            for p in range(len(prompts))]
-  return {"tokens": tokens_PxNxT, "lengths": lengths_PxN, "finished": np.concatenate(finished),
+  return {"tokens": out.tokens, "lengths": out.lengths, "finished": out.finished,
           "texts": texts}
 
 
-def score(run, prompts: Sequence[str], gen: dict) -> np.ndarray:
+def score(scorer, prompts: Sequence[str], gen: dict) -> np.ndarray:
   """Rewards [P, N] of the generated responses."""
-  return run.scorer.score_grouped(list(prompts), gen["texts"], truncated=~gen["finished"])
+  return scorer.score_grouped(list(prompts), gen["texts"], truncated=~gen["finished"])
+
+
+def create(buffer: PromptBuffer, prompts: Sequence[str], rewards_PxN: np.ndarray,
+           informativeness_P: np.ndarray, *, iteration: int, creator_cfg, evolver, rng,
+           token_count: Callable[[str], int],
+           dataset_ids: Optional[Sequence[Optional[str]]] = None) -> tuple[PromptBuffer, dict]:
+  """The creator step: add this iteration's prompts (with their scores) to a copy of `buffer`,
+  select by informativeness, evolve and filter the selected ones.
+
+  rng: a numpy Generator, drawn first by the selection, then by the evolver.
+  dataset_ids: the dataset's id of each prompt (kept in the record's `extra`), or None.
+  Returns (the new buffer, {"selected", "informativeness", "evolved", "methods"}).
+  """
+  buffer = PromptBuffer(list(buffer))
+  ids = [buffer.add(p, iteration=iteration,
+                    extra={"dataset_id": d} if d is not None else None).id
+         for p, d in zip(prompts, dataset_ids or [None] * len(prompts))]
+  buffer.record_scores(ids, rewards_PxN, informativeness_P)
+  chosen = creator.select(informativeness_P, fraction=creator_cfg.fraction,
+                          method=creator_cfg.selection, rng=rng)
+  records = creator.evolve_round(
+      buffer, [ids[i] for i in chosen], evolver, rng=rng, iteration=iteration,
+      tokenizer_len_fn=token_count, min_tokens=creator_cfg.min_tokens,
+      max_tokens=creator_cfg.max_tokens, max_similarity=creator_cfg.max_similarity)
+  return buffer, {"selected": [ids[i] for i in chosen],
+                  "informativeness": np.asarray(informativeness_P).tolist(),
+                  "evolved": [r.text for r in records], "methods": [r.method for r in records]}
+
+
+# ---------------------------------------------------------------------------------------------
+# pairs
 
 
 def best_worst_pairs(prompts: Sequence[str], gen: dict, rewards_PxN: np.ndarray,
@@ -91,39 +136,48 @@ def best_worst_pairs(prompts: Sequence[str], gen: dict, rewards_PxN: np.ndarray,
   return pairs
 
 
-def mix(run, base_pairs: list[dict], evolved_pairs: list[dict], rng) -> list[dict]:
-  """eva: base/evolved mixed by creator.base_ratio; static: the base pairs. Both capped at
-  train.num_pairs, so eva and static train on the same budget."""
-  c = run.config
-  if c.creator.enabled:
-    mixed = creator.mix_pairs(base_pairs, evolved_pairs, base_ratio=c.creator.base_ratio,
+def mix(base_pairs: list[dict], evolved_pairs: list[dict], rng, *, creator_cfg,
+        num_pairs: int) -> list[dict]:
+  """eva: base/evolved mixed by creator_cfg.base_ratio; static (creator off): the base pairs,
+  shuffled. Both capped at num_pairs, so eva and static train on the same budget."""
+  if creator_cfg.enabled:
+    mixed = creator.mix_pairs(base_pairs, evolved_pairs, base_ratio=creator_cfg.base_ratio,
                               rng=rng)
   else:
     mixed = [base_pairs[i] for i in rng.permutation(len(base_pairs))]
-  return mixed[:c.train.num_pairs]
+  return mixed[:num_pairs]
 
 
-def _pair_batches(run, pairs: list[dict]) -> list[dict]:
-  c, tok = run.config, run.tokenizer
-  size = _batch_size(run)
+# ---------------------------------------------------------------------------------------------
+# reference, train
+
+
+def train_batch_size(mesh, train_cfg) -> int:
+  """train_cfg.batch_size rounded up to a multiple of (batch shards x accumulation steps)."""
+  multiple = sharding.batch_multiple(mesh) * train_cfg.grad_accum
+  return max(multiple, int(math.ceil(train_cfg.batch_size / multiple)) * multiple)
+
+
+def _pair_batches(policy: Policy, pairs: list[dict], train_cfg) -> list[dict]:
+  tok, size = policy.tokenizer, train_batch_size(policy.mesh, train_cfg)
   batches = []
   for start in range(0, len(pairs), size):
     chunk = pairs[start:start + size]
     batches.append(logprobs.make_pair_batch(
-        prompt_ids(tok, [p["prompt"] for p in chunk], c.train.max_prompt_length),
+        prompt_ids(tok, [p["prompt"] for p in chunk], train_cfg.max_prompt_length),
         [p["chosen"] for p in chunk], [p["rejected"] for p in chunk],
-        max_length=c.train.max_length, max_prompt_length=c.train.max_prompt_length,
+        max_length=train_cfg.max_length, max_prompt_length=train_cfg.max_prompt_length,
         pad_id=tok.pad_id, batch_multiple=size, length_bucket=16))
   return batches
 
 
-def reference(run, params, pairs: list[dict]) -> dict:
+def reference(policy: Policy, pairs: list[dict], *, train_cfg) -> dict:
   """Summed log-probs of chosen and rejected under θ_t, computed once for the iteration."""
   if not pairs:
     return {"ref_chosen": np.zeros(0, np.float32), "ref_rejected": np.zeros(0, np.float32)}
-  batches = _pair_batches(run, pairs)
-  ref_c, ref_r = logprobs.reference_logprobs(run.model_config, params, batches, mesh=run.mesh,
-                                             impl=run.config.train.logprob_impl)
+  batches = _pair_batches(policy, pairs, train_cfg)
+  ref_c, ref_r = logprobs.reference_logprobs(policy.model_config, policy.params, batches,
+                                             mesh=policy.mesh, impl=train_cfg.logprob_impl)
   # Each batch is padded to the same row count with weight-0 pairs: keep the real rows.
   size = len(batches[0]["weights"])
   real = np.concatenate([np.arange(i * size, i * size + min(size, len(pairs) - i * size))
@@ -132,70 +186,84 @@ def reference(run, params, pairs: list[dict]) -> dict:
           "ref_rejected": np.asarray(ref_r, np.float32)[real]}
 
 
-def _batch_size(run) -> int:
-  multiple = sharding.batch_multiple(run.mesh) * run.config.train.grad_accum
-  return max(multiple, int(math.ceil(run.config.train.batch_size / multiple)) * multiple)
-
-
-def optimizer_config(c, total_steps: int, *, sft: bool = False) -> train_state.OptimizerConfig:
+def optimizer_config(train_cfg, total_steps: int, *, name: Optional[str] = None,
+                     learning_rate: Optional[float] = None) -> train_state.OptimizerConfig:
+  """The optimizer of train_cfg (name and learning rate overridable: the SFT warm-start)."""
   return train_state.OptimizerConfig(
-      name="adamw" if sft else c.train.optimizer,
-      learning_rate=c.sft.learning_rate if sft else c.train.learning_rate,
-      total_steps=max(1, total_steps), warmup_ratio=c.train.warmup_ratio,
-      weight_decay=c.train.weight_decay, max_grad_norm=c.train.grad_clip)
+      name=name or train_cfg.optimizer,
+      learning_rate=train_cfg.learning_rate if learning_rate is None else learning_rate,
+      total_steps=max(1, total_steps), warmup_ratio=train_cfg.warmup_ratio,
+      weight_decay=train_cfg.weight_decay, max_grad_norm=train_cfg.grad_clip)
 
 
-def _cached_step(run, opt_cfg, loss_cfg):
-  """One jitted update per (optimizer, loss) config, reused by every iteration (a new closure
-  would recompile)."""
-  key = (repr(opt_cfg), repr(loss_cfg))
-  if key not in run.cache:
+def sft_optimizer_config(train_cfg, sft_cfg, total_steps: int) -> train_state.OptimizerConfig:
+  return optimizer_config(train_cfg, total_steps, name="adamw",
+                          learning_rate=sft_cfg.learning_rate)
+
+
+# One jitted update per (model, mesh, optimizer, loss), reused by every iteration: a new closure
+# would recompile.
+_STEPS: dict = {}
+
+
+def _train_step(policy: Policy, opt_cfg, loss_cfg):
+  key = (policy.model_config, policy.mesh, repr(opt_cfg), repr(loss_cfg))
+  if key not in _STEPS:
     optimizer = train_state.make_optimizer(opt_cfg)
-    run.cache[key] = optimizer, train.make_train_step(
-        run.model_config, optimizer, run.mesh, loss_cfg,
+    _STEPS[key] = optimizer, train.make_train_step(
+        policy.model_config, optimizer, policy.mesh, loss_cfg,
         schedule=train_state.make_schedule(opt_cfg))
-  return run.cache[key]
+  return _STEPS[key]
 
 
-def train_iteration(run, params, pairs: list[dict], ref: dict, rng, log_step) -> object:
-  """Preference optimization θ_t → θ_{t+1} over train.epochs passes of the pairs.
+def train_iteration(policy: Policy, pairs: list[dict], ref: dict, rng, log_step, *,
+                    train_cfg) -> train_state.TrainState:
+  """Preference optimization θ_t → θ_{t+1} over train_cfg.epochs passes of the pairs.
 
-  The schedule spans the step count of a full budget (train.num_pairs pairs), the same for
-  every iteration, so one compiled update serves the whole run.
+  The schedule spans the step count of a full budget (train_cfg.num_pairs pairs), the same for
+  every iteration, so one compiled update serves the whole run. log_step(step, epoch, metrics).
   """
-  c = run.config
-  opt_cfg = optimizer_config(c, c.train.epochs * math.ceil(c.train.num_pairs / _batch_size(run)))
-  loss_cfg = train.LossConfig(c.train.loss, beta=c.train.beta, hparams=dict(c.train.hparams),
-                              accum_steps=c.train.grad_accum, logprob_impl=c.train.logprob_impl)
-  optimizer, step = _cached_step(run, opt_cfg, loss_cfg)
-  state = train_state.init_train_state(run.model_config, optimizer, run.mesh, params=params)
+  t = train_cfg
+  opt_cfg = optimizer_config(
+      t, t.epochs * math.ceil(t.num_pairs / train_batch_size(policy.mesh, t)))
+  loss_cfg = train.LossConfig(t.loss, beta=t.beta, hparams=dict(t.hparams),
+                              accum_steps=t.grad_accum, logprob_impl=t.logprob_impl)
+  optimizer, step = _train_step(policy, opt_cfg, loss_cfg)
+  state = train_state.init_train_state(policy.model_config, optimizer, policy.mesh,
+                                       params=policy.params)
   if not pairs:
     return state
-  for epoch in range(c.train.epochs):
+  for epoch in range(t.epochs):
     order = rng.permutation(len(pairs))
     shuffled = [pairs[i] for i in order]
     ref_c, ref_r = ref["ref_chosen"][order], ref["ref_rejected"][order]
-    batches = _pair_batches(run, shuffled)
+    batches = _pair_batches(policy, shuffled, t)
     sizes = [min(len(b["weights"]), int(b["weights"].sum())) for b in batches]
     for batch in logprobs.with_reference(batches, ref_c, ref_r, num_pairs=sizes):
-      state, metrics = train.timed_step(step, state, batch, config=run.model_config)
+      state, metrics = train.timed_step(step, state, batch, config=policy.model_config)
       train.check_finite(metrics, int(state.step))
       wd.kill_point("train_step")
       log_step(int(state.step), epoch, metrics)
   return state
 
 
-def sft_warm_start(run, examples: Sequence[tuple[str, str]], steps: int, rng, log_step):
-  """Supervised warm-start, `steps` updates on (prompt, answer) examples; returns the state."""
-  c, tok = run.config, run.tokenizer
-  opt_cfg = optimizer_config(c, steps, sft=True)
+def sft_warm_start(policy: Policy, examples: Sequence[tuple[str, str]], steps: int, rng,
+                   log_step, *, sft_cfg, train_cfg) -> train_state.TrainState:
+  """Supervised warm-start, `steps` updates on (prompt, answer) examples; returns the state.
+
+  Lengths come from train_cfg; log_step(step, metrics).
+  """
+  tok = policy.tokenizer
+  opt_cfg = sft_optimizer_config(train_cfg, sft_cfg, steps)
   optimizer = train_state.make_optimizer(opt_cfg)
-  state = train_state.init_train_state(run.model_config, optimizer, run.mesh, params=run.params)
+  state = train_state.init_train_state(policy.model_config, optimizer, policy.mesh,
+                                       params=policy.params)
   if steps == 0:
     return state
-  step = train.make_train_step(run.model_config, optimizer, run.mesh, train.LossConfig("sft"),
+  step = train.make_train_step(policy.model_config, optimizer, policy.mesh,
+                               train.LossConfig("sft"),
                                schedule=train_state.make_schedule(opt_cfg))
-  prompts = prompt_ids(tok, [p for p, _ in examples], c.train.max_prompt_length)
+  prompts = prompt_ids(tok, [p for p, _ in examples], train_cfg.max_prompt_length)
   responses = []
   for (prompt, answer), ids in zip(examples, prompts):
     # The answer's tokens are what the chat template appends after the generation prompt, so
@@ -204,30 +272,41 @@ def sft_warm_start(run, examples: Sequence[tuple[str, str]], steps: int, rng, lo
                                     {"role": "assistant", "content": answer}],
                                    add_generation_prompt=False)
     responses.append(full[len(tok.apply_chat_template(prompt, add_generation_prompt=True)):])
-  multiple = sharding.batch_multiple(run.mesh)
-  size = max(multiple, c.sft.batch_size // multiple * multiple)
+  multiple = sharding.batch_multiple(policy.mesh)
+  size = max(multiple, sft_cfg.batch_size // multiple * multiple)
   for i in range(steps):
     rows = rng.choice(len(examples), size=size, replace=False)
     batch = logprobs.make_sft_batch([prompts[r] for r in rows], [responses[r] for r in rows],
-                                    max_length=c.train.max_length,
-                                    max_prompt_length=c.train.max_prompt_length,
+                                    max_length=train_cfg.max_length,
+                                    max_prompt_length=train_cfg.max_prompt_length,
                                     pad_id=tok.pad_id, batch_multiple=multiple, length_bucket=16)
-    state, metrics = train.timed_step(step, state, batch, config=run.model_config)
+    state, metrics = train.timed_step(step, state, batch, config=policy.model_config)
     train.check_finite(metrics, i)
     log_step(i, metrics)
   return state
 
 
-def evaluate(run, params, heldout: Sequence[tuple[str, int, str]], key) -> dict:
-  """Greedy answers on the held-out prompts, their rewards, overall and per difficulty level."""
-  c = run.config
-  prompts = [p for p, _, _ in heldout]
-  gen = generate(run, params, prompts, key=key, num_samples=1, temperature=c.eval.temperature,
-                 max_new_tokens=c.eval.max_new_tokens)
-  rewards = score(run, prompts, gen)[:, 0]
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+def evaluate(policy: Policy, scorer, heldout: Sequence, *, key, sampling_cfg,
+             eval_cfg) -> dict:
+  """One answer per held-out prompt (eval_cfg.temperature 0: greedy), its reward, overall and
+  per difficulty level. heldout: `eva_jax.sources.Prompt`s (text, id, level)."""
+  settings = types.SimpleNamespace(
+      max_prompt_length=sampling_cfg.max_prompt_length, batch_size=sampling_cfg.batch_size,
+      top_p=sampling_cfg.top_p, top_k=sampling_cfg.top_k, num_samples=1,
+      temperature=eval_cfg.temperature, max_new_tokens=eval_cfg.max_new_tokens)
+  prompts = [h.text for h in heldout]
+  gen = generate(policy, prompts, key=key, sampling_cfg=settings)
+  rewards = score(scorer, prompts, gen)[:, 0]
   by_level = {}
-  for level in sorted({lv for _, lv, _ in heldout}):
-    sel = [i for i, (_, lv, _) in enumerate(heldout) if lv == level]
+  for level in sorted({h.level for h in heldout}):
+    sel = [i for i, h in enumerate(heldout) if h.level == level]
     by_level[str(level)] = float(rewards[sel].mean())
-  return {"rewards": rewards.tolist(), "answers": [t[0] for t in gen["texts"]],
-          "heldout_reward": float(rewards.mean()), "heldout_by_level": by_level}
+  out = {"rewards": rewards.tolist(), "answers": [t[0] for t in gen["texts"]],
+         "heldout_reward": float(rewards.mean()), "heldout_by_level": by_level}
+  if any(h.id is not None for h in heldout):
+    out["ids"] = [h.id for h in heldout]  # For exports (Arena-Hard question_id).
+  return out

@@ -76,6 +76,13 @@ def make_schedule(cfg) -> optax.Schedule:
   """Learning rate per optimizer step: linear warm-up from 0, then cosine to end_learning_rate."""
   cfg = _as_optimizer_config(cfg)
   warmup = int(cfg.warmup_ratio * cfg.total_steps)
+  if warmup == 0:
+    # The same values as the warm-up form with 0 warm-up steps (optax joins at step 0), without
+    # optax's warning about a zero-length linear schedule.
+    peak = cfg.learning_rate
+    return optax.cosine_decay_schedule(
+        init_value=peak, decay_steps=max(cfg.total_steps, 1),
+        alpha=0.0 if peak == 0.0 else cfg.end_learning_rate / peak)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
       decay_steps=max(cfg.total_steps, warmup + 1), end_value=cfg.end_learning_rate)

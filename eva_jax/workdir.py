@@ -3,23 +3,29 @@
 Layout:
   config.json                 the resolved config the run was started with
   metrics.jsonl, tb/          one JSON object per logged step or stage; TensorBoard events
-  iter_000/<stage>.*          each stage's artifacts, written to a temp name and renamed
+  iter_000/<stage>.*          each stage's artifacts, written atomically (fileio.atomic_write)
   checkpoints/<iteration>/    Orbax checkpoints of the train state (0 = after the warm-start)
   report.md, plots/*.png      rewritten at the end of every iteration
 
+The workdir is a local folder or a gs:// prefix: every file goes through `fileio`.
 Only process 0 writes shared files; every process reads them.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import time
+import uuid
+import zipfile
 from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from eva_jax import fileio
 
 
 def is_writer() -> bool:
@@ -43,42 +49,53 @@ def kill_point(name: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _atomic(path: str, write) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  write(tmp)
-  os.replace(tmp, path)
+class CorruptArtifact(ValueError):
+  """An artifact that exists but cannot be read back (zero bytes, truncated, garbage). The
+  runner may treat it as missing and recompute the stage that wrote it."""
+
+  def __init__(self, path: fileio.PathLike, reason: str):
+    super().__init__(f"corrupt artifact {os.fspath(path)}: {reason}")
+    self.path = os.fspath(path)
+    self.reason = reason
 
 
 def write_json(path: str, obj: Any) -> None:
   if not is_writer():
     return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-
-  def write(tmp):
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
-  _atomic(path, write)
+  fileio.atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
 
 
 def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  """The JSON under `path`; FileNotFoundError when missing, CorruptArtifact when unreadable."""
+  raw = fileio.read_bytes(path)
+  if not raw:
+    raise CorruptArtifact(path, "empty file (0 bytes)")
+  try:
+    return json.loads(raw.decode("utf-8"))
+  except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are.
+    raise CorruptArtifact(path, f"not valid JSON ({e})") from None
 
 
 def write_npz(path: str, **arrays) -> None:
   if not is_writer():
     return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-
-  def write(tmp):
-    with open(tmp, "wb") as f:
-      np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-  _atomic(path, write)
+  with fileio.atomic_writer(path) as f:
+    np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
-  with np.load(path, allow_pickle=False) as data:
-    return {k: data[k] for k in data.files}
+  """The arrays under `path`; FileNotFoundError when missing, CorruptArtifact when unreadable."""
+  raw = fileio.read_bytes(path)
+  if not raw:
+    raise CorruptArtifact(path, "empty file (0 bytes)")
+  if not raw.startswith(b"PK"):  # np.load would take anything else for a .npy or a pickle.
+    raise CorruptArtifact(path, f"not an .npz (zip) archive: starts with {raw[:8]!r}")
+  try:
+    with np.load(io.BytesIO(raw), allow_pickle=False) as data:
+      # Reading every member here checks each one's CRC, so truncation shows now, not later.
+      return {k: data[k] for k in data.files}
+  except (ValueError, EOFError, OSError, zipfile.BadZipFile) as e:
+    raise CorruptArtifact(path, f"not a readable .npz archive ({type(e).__name__}: {e})") from None
 
 
 def _json_default(x):
@@ -90,26 +107,77 @@ def _json_default(x):
 
 
 def check_writable(workdir: str) -> None:
-  """Fails early, before any compute, when the workdir cannot be written."""
+  """Fails early, before any compute, when the workdir (a folder or a gs:// prefix) cannot be
+  written."""
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_probe{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    fileio.makedirs(workdir)
+    probe = fileio.join(workdir, f".write_probe{os.getpid()}")
+    fileio.atomic_write(probe, "ok")
+    fileio.remove(probe)
   except OSError as e:
-    raise PermissionError(f"workdir {workdir!r} is not writable: {e.strerror}") from None
+    raise PermissionError(f"workdir {os.fspath(workdir)!r} is not writable: "
+                          f"{e.strerror or e}") from None
+
+
+class _ObjectStoreEventFile:
+  """A TensorBoard event file on an object store, for tensorboardX's record-writer registry: it
+  keeps the file in memory and uploads it whole (fileio.atomic_write) on each flush, which is
+  cheap for scalars. It replaces tensorboardX's own gs:// writer, which goes around fileio
+  through google-cloud-storage and re-uploads again from `__del__`, stalling interpreter exit
+  for minutes of retries when the store has gone."""
+
+  def __init__(self, path: str):
+    self._path = path
+    self._data = bytearray()
+    self._dirty = False
+
+  def write(self, data: bytes) -> None:
+    self._data += data
+    self._dirty = True
+
+  def flush(self) -> None:
+    if self._dirty:
+      fileio.atomic_write(self._path, bytes(self._data))
+      self._dirty = False
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _ObjectStoreEventFiles:
+  def open(self, path: str) -> _ObjectStoreEventFile:
+    return _ObjectStoreEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # Object stores have no folders to create.
 
 
 class Metrics:
-  """Appends JSON lines to metrics.jsonl and scalars to TensorBoard (process 0 only)."""
+  """Appends JSON lines to metrics.jsonl and scalars to TensorBoard (process 0 only).
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+  Local workdirs get each row appended as it is logged. Object stores cannot append and a
+  rewrite per row would upload O(rows^2) bytes, so there the rows wait in memory and the whole
+  object is rewritten at most every `flush_secs` and on `read`/`flush`/`close`: a killed run
+  loses at most that window's rows (its resume re-logs from the last checkpoint).
+
+  TensorBoard events go straight to the workdir, gs:// included, through `fileio` (see
+  `_ObjectStoreEventFile`); writing them locally and copying later would lose them on a kill.
+  """
+
+  def __init__(self, workdir: str, *, flush_secs: float = 10.0):
+    self.path = fileio.join(workdir, "metrics.jsonl")
     self._tb = None
+    self._local = fileio.is_local(workdir)
+    self._flush_secs = flush_secs
+    self._pending: list[str] = []
+    self._last_flush = time.monotonic()
     if is_writer():
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=10)
+      from tensorboardX import SummaryWriter, record_writer
+      record_writer.register_writer_factory("gs", _ObjectStoreEventFiles())
+      # Event files are named by the second they were opened in: the suffix keeps a writer
+      # opened in the same second (a quick resume) from truncating its predecessor's file.
+      self._tb = SummaryWriter(fileio.join(workdir, "tb"), flush_secs=int(flush_secs),
+                               filename_suffix=f".{uuid.uuid4().hex[:8]}")
 
   def log(self, kind: str, step: int, **values) -> None:
     if not is_writer():
@@ -117,20 +185,29 @@ class Metrics:
     row = {"kind": kind, "step": int(step), "time": time.time()}
     row.update({k: _json_default(v) if isinstance(v, (np.generic, np.ndarray)) else v
                 for k, v in values.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row, default=_json_default) + "\n")
+    self._pending.append(json.dumps(row, default=_json_default) + "\n")
+    if self._local or time.monotonic() - self._last_flush >= self._flush_secs:
+      self.flush()
     for k, v in values.items():
       if isinstance(v, (int, float, np.floating, np.integer)) and np.isfinite(v):
         self._tb.add_scalar(f"{kind}/{k}", float(v), int(step))
 
+  def flush(self) -> None:
+    """Writes the rows logged since the last flush."""
+    if self._pending:
+      fileio.append_text(self.path, "".join(self._pending))
+      self._pending = []
+    self._last_flush = time.monotonic()
+
   def read(self, kind: Optional[str] = None) -> list[dict]:
-    if not os.path.exists(self.path):
+    self.flush()
+    if not fileio.exists(self.path):
       return []
-    with open(self.path) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in fileio.iter_lines(self.path) if line.strip()]
     return [r for r in rows if kind is None or r["kind"] == kind]
 
   def close(self) -> None:
+    self.flush()
     if self._tb is not None:
       self._tb.close()
 
@@ -138,14 +215,17 @@ class Metrics:
 class Checkpoints:
   """Orbax checkpoints of the train state, one per finished iteration, keep-N policy.
 
-  Orbax writes into a temporary folder and renames it when complete, so a kill mid-write
-  leaves the previous checkpoints intact and the partial one ignored.
+  Orbax writes into a temporary folder and renames it when complete (on gs://, where a rename
+  is a copy, it writes a commit_success.txt last instead), so a kill mid-write leaves the
+  previous checkpoints intact and the partial one ignored.
   """
 
   def __init__(self, workdir: str, *, keep: int = 2, use_async: bool = False):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=use_async)
-    self.manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+    # An epath, not a string: Orbax then writes gs:// workdirs (array data through
+    # TensorStore's gcs driver) as well as local ones.
+    self.manager = ocp.CheckpointManager(fileio.absolute(workdir) / "checkpoints",
                                          options=options)
 
   def latest(self) -> Optional[int]:

@@ -9,7 +9,7 @@ nothing is allocated), the device programs of a real run of configs/paper.py:
   `accum` micro-batches;
 - sample: `eva_jax.sampling._prefill` and the `_decode` while-loop over the donated KV cache
   (what `sampling.sample` runs) for a chunk of prompts x N = 6 samples, 1024 prompt tokens and
-  2048 new tokens (stages._SAMPLE_CHUNK = 64 prompts per call in the runner);
+  2048 new tokens (sampling.batch_size prompts per call);
 - score: the reward model's jitted forward (`reward._jitted_forward`), Skywork-Reward-Gemma-2-27B
   in bfloat16 on 4096-token rows.
 

@@ -66,7 +66,9 @@ def common_dtype(hidden_NxD, w_out_DxV):
 
 
 def apply_softcap(logits, softcap):
-  """Gemma 2 final-logit soft-capping: softcap * tanh(logits / softcap)."""
+  """Soft-capping, softcap * tanh(logits / softcap); None leaves the logits as they are.
+
+  The one definition: the models' attention scores and final logits use it too."""
   if softcap is None:
     return logits
   return softcap * jnp.tanh(logits / softcap)

@@ -27,6 +27,9 @@ def hf_config(family: str, num_labels: int = 0):
   elif family == "qwen2":
     cfg = T.Qwen2Config(**_COMMON, tie_word_embeddings=True, rope_parameters={
         "rope_type": "default", "rope_theta": 1000000.0})
+  elif family == "mistral":
+    # head_dim 12 != hidden / heads (8), and a window of 5 on every layer.
+    cfg = T.MistralConfig(**_COMMON, head_dim=12, sliding_window=5, tie_word_embeddings=False)
   else:
     raise ValueError(family)
   if num_labels:
@@ -39,7 +42,7 @@ def torch_model(family: str, num_labels: int = 0, seed: int = 0):
   import transformers as T
   torch.manual_seed(seed)
   cfg = hf_config(family, num_labels)
-  prefix = {"llama": "Llama", "gemma2": "Gemma2", "qwen2": "Qwen2"}[family]
+  prefix = {"llama": "Llama", "gemma2": "Gemma2", "qwen2": "Qwen2", "mistral": "Mistral"}[family]
   head = "ForSequenceClassification" if num_labels else "ForCausalLM"
   model = getattr(T, prefix + head)(cfg).float().eval()
   # Random init leaves norms at identity and biases at zero; perturb them so a swapped or

@@ -4,6 +4,7 @@ the SimPO / SPPO / ORPO authors' recipes, not read from the config module)."""
 import itertools
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -12,8 +13,9 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import paper
-from eva_jax import config_check, data, losses, models, stages, train, train_state
+from configs import default, paper
+from eva_jax import (config_check, creator, data, losses, models, reward, sources, stages, train,
+                     train_state)
 from eva_jax.models import hf
 from eva_jax.models import tokenizer as tokenizer_lib
 
@@ -132,7 +134,7 @@ def test_loss_and_optimizer_settings_build(arg):
                                    -2.5 * ones, beta=loss_cfg.beta, chosen_lengths=4 * ones,
                                    rejected_lengths=5 * ones, **loss_cfg.hparams)
   assert jnp.isfinite(loss)
-  opt_cfg = stages.optimizer_config(c, 100)
+  opt_cfg = stages.optimizer_config(c.train, 100)
   assert opt_cfg.name == c.train.optimizer and opt_cfg.max_grad_norm == 1.0
   schedule = train_state.make_schedule(opt_cfg)
   assert float(schedule(10)) == pytest.approx(c.train.learning_rate)  # warm-up ends at 10 %
@@ -149,7 +151,7 @@ def test_slice_mesh_and_accumulation(arg, mesh, accum):
   c = paper.get_config(arg)
   assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) == mesh
   assert c.train.grad_accum == accum
-  # stages._batch_size keeps the configured batch: it is a multiple of data*fsdp*accum.
+  # stages.train_batch_size keeps the configured batch: it is a multiple of data*fsdp*accum.
   assert c.train.batch_size % (mesh[0] * mesh[1] * accum) == 0
 
 
@@ -177,3 +179,21 @@ def test_loads_through_config_flags():
   c = values.config
   assert (c.train.loss, c.train.optimizer, c.creator.enabled) == ("sppo_hard", "rmsprop", True)
   assert (c.mesh.fsdp, c.data.num_prompts) == (4, 128)
+
+
+@pytest.mark.parametrize("field,names", [
+    ("creator.metric", creator.INFORMATIVENESS.names()),
+    ("creator.selection", creator.SELECTORS.names()),
+    ("creator.evolver", creator.EVOLVERS.names()),
+    ("reward.kind", reward.SCORERS.names()),
+    ("data.source", sources.SOURCES.names()),
+])
+def test_names_are_checked_against_their_registry(field, names):
+  """Validation lists exactly what the registry holds (no copied list to fall out of date)."""
+  assert len(names) >= 2
+  c = default.get_config("smoke")
+  section, key = field.split(".")
+  c[section][key] = "no_such_name"
+  with pytest.raises(ValueError, match=re.escape(
+      f"config field {field}: 'no_such_name' is not one of {', '.join(map(repr, names))}")):
+    config_check.validate(c)

@@ -13,6 +13,7 @@ import pytest
 from eva_jax import creator
 from eva_jax import filters
 from eva_jax.buffer import PromptBuffer, PromptRecord, reward_summary
+from tests import shared_data
 
 # ------------------------------------------------------------------------------ informativeness
 
@@ -314,11 +315,7 @@ def test_parse_evolved(reply, expected):
 
 
 def load_arena_prompts():
-  folder = os.environ.get("EVA_SHARED_DATA")
-  folder = Path(folder) if folder else Path(__file__).resolve().parents[2] / "shared" / "data"
-  path = folder / "arena_hard_v0.1_questions.jsonl"
-  if not path.exists():
-    pytest.skip(f"{path} is absent")
+  path = shared_data.arena_path()
   with open(path, encoding="utf-8") as f:
     return [json.loads(line)["turns"][0]["content"] for line in f if line.strip()]
 

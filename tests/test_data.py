@@ -5,25 +5,20 @@ import shutil
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from eva_jax import data
 from eva_jax.data import PromptExample
+from tests import shared_data
 
-ARENA_NAME = "arena_hard_v0.1_questions.jsonl"
-
-
-def _arena_file():
-  folder = os.environ.get("EVA_SHARED_DATA")
-  folder = Path(folder) if folder else Path(__file__).resolve().parents[2] / "shared" / "data"
-  return folder / ARENA_NAME
+ARENA_NAME = shared_data.ARENA_NAME
 
 
 @pytest.fixture(scope="module")
 def arena_expected():
-  path = _arena_file()
-  if not path.is_file():
-    pytest.skip(f"{path} is absent")
+  path = shared_data.arena_path()
   rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
   return path, [PromptExample(id=r["question_id"], text=r["turns"][0]["content"],
                               source="arena_hard", category=r["category"]) for r in rows]
@@ -68,8 +63,6 @@ def _write_generated(folder: Path) -> Path:
 
 
 def _write_ultrafeedback(folder: Path) -> list[PromptExample]:
-  pa = pytest.importorskip("pyarrow")
-  pq = pytest.importorskip("pyarrow.parquet")
   folder.mkdir(parents=True, exist_ok=True)
   # HuggingFaceH4/ultrafeedback_binarized style: prompt + prompt_id + whole responses.
   pq.write_table(pa.table({
@@ -98,10 +91,11 @@ def prepared(tmp_path_factory):
   uf_expected = _write_ultrafeedback(root / "manual_uf")
   data.prepare_prompt_set(root / "manual_uf", config="ultrafeedback", data_dir=data_dir)
   out["ultrafeedback"] = (data_dir, uf_expected)
-  if _arena_file().is_file():
+  arena = shared_data.arena_path_or_none()
+  if arena is not None:
     arena_dir = root / "manual_arena"
     arena_dir.mkdir()
-    shutil.copy(_arena_file(), arena_dir / ARENA_NAME)
+    shutil.copy(arena, arena_dir / ARENA_NAME)
     data.prepare_prompt_set(arena_dir, config="arena_hard", data_dir=data_dir)
     out["arena_hard"] = data_dir
   return out
@@ -260,3 +254,65 @@ def test_prepare_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="is not prepared"):
     data.load_prompts("prompt_set/jsonl", data_dir=tmp_path / "empty_tfds", process_index=0,
                       process_count=1)
+
+
+_LONG_PROMPT = "a" * (data.MAX_PROMPT_CHARS + 1)
+_LIMIT = f"MAX_PROMPT_CHARS={data.MAX_PROMPT_CHARS}"
+_HUGE_LINE = b"b" * (10 * 1024 * 1024)  # 10 MB, past MAX_LINE_BYTES
+# (file name, its bytes, the error it must raise). Every one names the file and the line/item.
+_HOSTILE_FILES = [
+    ("utf8.jsonl", b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n',
+     r"utf8.jsonl:line 2: not valid UTF-8"),
+    ("utf8.txt", b"ok\nfine\n\xff\xfe bad\n", r"utf8.txt:line 3: not valid UTF-8"),
+    ("utf8.json", b'[\n"ok",\n"\xc3("\n]', r"utf8.json:line 3: not valid UTF-8"),
+    ("nul.txt", b"ok\nnul\x00here\n", r"nul.txt:line 2: contains a NUL byte"),
+    ("nul.jsonl", b'{"prompt": "a\x00"}\n', r"nul.jsonl:line 1: contains a NUL byte"),
+    ("nul_escape.jsonl", b'{"prompt": "a\\u0000b"}\n',
+     r"nul_escape.jsonl:line 1: the prompt contains a NUL character"),
+    ("nul_escape.json", b'["ok", "a\\u0000b"]',
+     r"nul_escape.json:item 1: the prompt contains a NUL"),
+    ("surrogate.jsonl", b'{"prompt": "a\\ud800b"}\n',
+     r"surrogate.jsonl:line 1: the prompt is not valid Unicode"),
+    ("surrogate_id.jsonl", b'{"prompt": "a", "id": "\\udfff"}\n',
+     r"surrogate_id.jsonl:line 1: the id is not valid Unicode"),
+    ("huge_line.jsonl", b'{"prompt": "ok"}\n{"prompt": "' + _HUGE_LINE + b'"}\n',
+     rf"huge_line.jsonl:line 2: longer than MAX_LINE_BYTES={data.MAX_LINE_BYTES} bytes"),
+    ("huge_line.txt", _HUGE_LINE, r"huge_line.txt:line 1: longer than MAX_LINE_BYTES"),
+    ("huge_line_no_newline.txt", b"ok\n" + _HUGE_LINE * 2,
+     r"huge_line_no_newline.txt:line 2: longer than MAX_LINE_BYTES"),
+    ("long_prompt.jsonl", json.dumps({"prompt": _LONG_PROMPT}).encode(),
+     rf"long_prompt.jsonl:line 1: the prompt has {len(_LONG_PROMPT)} characters, more than "
+     rf"{_LIMIT}"),
+    ("long_prompt.txt", b"ok\n" + _LONG_PROMPT.encode(), rf"long_prompt.txt:line 2: .*{_LIMIT}"),
+    ("long_prompt.json", json.dumps([{"instruction": _LONG_PROMPT}]).encode(),
+     rf"long_prompt.json:item 0: .*{_LIMIT}"),
+    ("nested.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n",
+     r"nested.jsonl:line 1: not valid JSON \(nested too deeply\)"),
+    ("nested.json", b"[" * 100_000 + b"]" * 100_000, r"nested.json: not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("name,blob,message", _HOSTILE_FILES, ids=[c[0] for c in _HOSTILE_FILES])
+def test_hostile_prompt_file_is_refused_naming_file_and_line(tmp_path, name, blob, message):
+  path = tmp_path / name
+  path.write_bytes(blob)
+  with pytest.raises(ValueError, match=message):
+    data.load_prompts(path, process_index=0, process_count=1)
+
+
+def test_hostile_parquet_rows_and_the_limits_themselves(tmp_path):
+  for name, prompts, message in (
+      ("long.parquet", ["ok", _LONG_PROMPT], rf"long.parquet:row 1: .*{_LIMIT}"),
+      ("nul.parquet", ["a\x00b"], r"nul.parquet:row 0: the prompt contains a NUL character")):
+    pq.write_table(pa.table({"prompt": prompts}), tmp_path / name)
+    with pytest.raises(ValueError, match=message):
+      data.read_prompt_file(tmp_path / name)
+  # A prompt of exactly MAX_PROMPT_CHARS, and a line of exactly MAX_LINE_BYTES, are read whole.
+  at_limit = "c" * data.MAX_PROMPT_CHARS
+  row = json.dumps({"prompt": at_limit, "pad": ""}).encode()
+  row = row[:-2] + b" " * (data.MAX_LINE_BYTES - len(row)) + row[-2:]
+  assert len(row) == data.MAX_LINE_BYTES
+  (tmp_path / "edge.jsonl").write_bytes(row + b"\n" + row)
+  (tmp_path / "edge.txt").write_bytes(b"caf\xc3\xa9\r\n" + at_limit.encode())
+  assert [e.text for e in data.read_prompt_file(tmp_path / "edge.jsonl")] == [at_limit] * 2
+  assert [e.text for e in data.read_prompt_file(tmp_path / "edge.txt")] == ["café", at_limit]

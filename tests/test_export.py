@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from eva_jax import export
+from tests import shared_data
 
 SHORTUUID_ALPHABET = set("23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
 ANSWER_KEYS = {"question_id", "answer_id", "model_id", "choices", "tstamp"}
@@ -18,12 +19,7 @@ def _lines(path):
 
 
 def _arena_questions():
-  folder = os.environ.get("EVA_SHARED_DATA")
-  folder = Path(folder) if folder else Path(__file__).resolve().parents[2] / "shared" / "data"
-  path = folder / "arena_hard_v0.1_questions.jsonl"
-  if not path.is_file():
-    pytest.skip(f"{path} is absent")
-  return _lines(path)
+  return _lines(shared_data.arena_path())
 
 
 def test_alpaca_eval_fields(tmp_path):

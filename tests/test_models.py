@@ -15,8 +15,8 @@ from eva_jax.models import hf  # noqa: E402
 from eva_jax.models.safetensors_io import SafetensorsFile, save_file  # noqa: E402
 from tests import hf_fixtures  # noqa: E402
 
-FAMILIES = ["llama", "gemma2", "qwen2"]
-LENGTHS = [12, 7, 3]  # Gemma's window is 5, so the long rows cross it.
+FAMILIES = ["llama", "gemma2", "qwen2", "mistral"]
+LENGTHS = [12, 7, 3]  # Gemma's and Mistral's windows are 5, so the long rows cross them.
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -69,7 +69,7 @@ def test_sharded_index_and_mesh_placement(saved, tmp_path):
   assert os.path.exists(os.path.join(out, hf.INDEX_FILE))
   assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) > 1
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-  config2, placed = hf.load(out, mesh=mesh)
+  config2, placed = hf.load(out, shardings=sharding.param_shardings_for(mesh))
   expected = sharding.param_shardings(config2, mesh)
   for got, want, ref in zip(jax.tree.leaves(placed), jax.tree.leaves(expected),
                             jax.tree.leaves(params)):
@@ -105,6 +105,7 @@ PUBLISHED = {  # From the model cards / safetensors index totals.
     "gemma2_2b": 2_614_341_888, "gemma2_9b": 9_241_705_984, "gemma2_27b": 27_227_128_320,
     "llama3_8b": 8_030_261_248, "llama3_70b": 70_553_706_496,
     "qwen2_5_0_5b": 494_032_768, "qwen2_5_7b": 7_615_616_512,
+    "mistral_7b": 7_241_732_096,  # Mistral-7B-v0.1, vocab 32000.
 }
 
 
@@ -147,9 +148,9 @@ def test_missing_config(tmp_path):
 def test_unsupported_model_type(llama_folder, tmp_path):
   d = _copy_folder(llama_folder, str(tmp_path / "m"))
   cfg = json.load(open(os.path.join(d, "config.json")))
-  cfg["model_type"] = "mistral"
+  cfg["model_type"] = "gpt_neox"
   json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-  with pytest.raises(ValueError, match="unsupported model_type 'mistral'"):
+  with pytest.raises(ValueError, match="unsupported model_type 'gpt_neox'"):
     hf.load(d)
 
 
@@ -192,3 +193,34 @@ def test_config_field_errors():
     hf.config_from_hf({"model_type": "qwen2", "use_sliding_window": True, "vocab_size": 8,
                        "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
                        "num_attention_heads": 2})
+
+
+_MISTRAL_JSON = {"model_type": "mistral", "vocab_size": 8, "hidden_size": 8,
+                 "intermediate_size": 8, "num_hidden_layers": 3, "num_attention_heads": 2}
+
+
+@pytest.mark.parametrize("window,want", [(None, (0, 0, 0)), (7, (7, 7, 7))])
+def test_mistral_sliding_window_null_or_every_layer(window, want):
+  config = hf.config_from_hf(dict(_MISTRAL_JSON, sliding_window=window))
+  assert config.layer_windows == want
+  assert hf.config_to_hf(config, "float32")["sliding_window"] == window
+
+
+def test_unsupported_activation_is_refused():
+  with pytest.raises(ValueError, match="hidden_act='relu' is not supported"):
+    hf.config_from_hf(dict(_MISTRAL_JSON, hidden_act="relu"))
+
+
+def test_family_features_not_names_drive_the_model():
+  """Gemma 2's architecture on a llama-named config gives Gemma 2's logits: the model code
+  reads feature fields only."""
+  gemma = models.tiny("gemma2", num_layers=1)
+  features = {f: getattr(gemma, f) for f in (
+      "norm_scale_plus_one", "post_norms", "embed_scale", "mlp_activation", "tie_embeddings",
+      "attn_logit_softcap", "final_logit_softcap", "sliding_window", "sliding_layers",
+      "query_pre_attn_scalar")}
+  llama = models.tiny("llama", num_layers=1, **features)
+  params = models.init_params(gemma, jax.random.key(0))
+  tokens, mask = hf_fixtures.ragged_batch([6, 3], 6)
+  np.testing.assert_array_equal(np.asarray(models.forward(gemma, params, tokens, mask)),
+                                np.asarray(models.forward(llama, params, tokens, mask)))

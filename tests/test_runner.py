@@ -80,6 +80,20 @@ def test_empty_prompt_file(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_too_small_prompt_file_is_refused_before_anything_is_written(tmp_path):
+  """Held-out prompts must never be trained on: a file that cannot hold the held-out slice and
+  every iteration's own chunk is refused up front (it used to wrap around into the held-out)."""
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(20)))
+  c = _bad(tmp_path, data__source="jsonl", data__path=str(prompts), reward__kind="neural",
+           reward__path=str(tmp_path), creator__evolver="lm", data__heldout_per_level=4,
+           iterations=3)
+  with pytest.raises(ValueError, match=r"has 20 prompts, but 4 held-out .* \+ 3 iterations x 8 "
+                                       r"prompts per iteration need 28"):
+    runner.run(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a folder")
@@ -109,6 +123,45 @@ def test_incompatible_workdir_is_refused_unless_overwrite(tmp_path):
     config_check.check_workdir_config(c2, str(saved))
   c2.overwrite = True
   config_check.check_workdir_config(c2, str(saved))
+
+
+@pytest.mark.parametrize("field,value", [("sampling.batch_size", 3), ("train.grad_accum", 2),
+                                         ("mesh.data", 1), ("mesh.fsdp", 2),
+                                         ("reward.batch_size", 8)])
+def test_a_change_that_changes_results_is_refused(tmp_path, field, value):
+  """The sampling keys fold in each chunk's start and the train batch rounds up to a multiple of
+  the batch shards x accumulation steps; a reward model's scores change in the last bits with
+  the batch shape: none of these may change on a restart."""
+  saved = tmp_path / "config.json"
+  saved.write_text(default_config.get_config("smoke").to_json())
+  c = default_config.get_config("smoke")
+  section, key = field.split(".")
+  old, c[section][key] = c[section][key], value
+  with pytest.raises(ValueError, match=f"{field}: {old!r} there, {value!r} now"):
+    config_check.check_workdir_config(c, str(saved))
+
+
+def test_result_invariant_changes_are_resumable(tmp_path):
+  saved = tmp_path / "config.json"
+  saved.write_text(default_config.get_config("smoke").to_json())
+  c = default_config.get_config("smoke")
+  c.iterations, c.checkpoint.use_async = 5, True
+  config_check.check_workdir_config(c, str(saved))
+
+
+def test_a_different_resolved_mesh_is_refused(tmp_path):
+  saved = tmp_path / config_check.RUN_INFO
+  saved.write_text(json.dumps({"mesh": {"data": 8, "fsdp": 1, "tensor": 1}}))
+  c = default_config.get_config("smoke")
+  config_check.check_workdir_run_info(c, {"mesh": {"data": 8, "fsdp": 1, "tensor": 1}},
+                                      str(saved))
+  with pytest.raises(ValueError, match="on mesh data 8 x fsdp 1 x tensor 1, but this start "
+                                       "resolves mesh.data/fsdp/tensor to data 4 x fsdp 1"):
+    config_check.check_workdir_run_info(c, {"mesh": {"data": 4, "fsdp": 1, "tensor": 1}},
+                                        str(saved))
+  c.overwrite = True
+  config_check.check_workdir_run_info(c, {"mesh": {"data": 4, "fsdp": 1, "tensor": 1}},
+                                      str(saved))
 
 
 # --- end to end in subprocesses ---
@@ -185,6 +238,18 @@ def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
   assert "held-out reward" in report
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   assert any(r["kind"] == "eval" for r in rows)
+
+
+def test_restart_on_another_device_count_is_refused(reference_run):
+  """mesh.data = -1 resolved to 2 devices there; on 1 device the same config would sample and
+  train differently, so the restart stops before touching the workdir."""
+  ref_dir, cache = reference_run
+  before = _snapshot(ref_dir)
+  proc = _main(ref_dir, cache, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  assert proc.returncode != 0
+  assert ("workdir holds a run on mesh data 2 x fsdp 1 x tensor 1, but this start resolves "
+          "mesh.data/fsdp/tensor to data 1 x fsdp 1 x tensor 1") in proc.stderr
+  assert _snapshot(ref_dir) == before
 
 
 def _free_port():

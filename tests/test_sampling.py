@@ -11,8 +11,8 @@ from eva_jax import models, sampling, sharding  # noqa: E402
 from eva_jax.models import hf  # noqa: E402
 from tests import hf_fixtures  # noqa: E402
 
-FAMILIES = ["llama", "gemma2", "qwen2"]
-# Gemma's fixture window is 5: the long prompts and the generation cross it.
+FAMILIES = ["llama", "gemma2", "qwen2", "mistral"]
+# Gemma's and Mistral's fixture windows are 5: the long prompts and the generation cross them.
 PROMPT_LENGTHS = [9, 4, 6]
 NEW_TOKENS = 8
 
@@ -252,6 +252,62 @@ def test_decode_cache_is_donated(llama):
   assert all(x.is_deleted() for x in jax.tree.leaves(cache))
 
 
+# --- non-finite logits: one clear error, never a hang ---
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0, top_p=0.9), dict(temperature=1.0),
+                                dict(temperature=0.7, top_k=3), dict(greedy=True)])
+def test_select_marks_non_finite_rows(kw):
+  """NaN and +inf rows (which made the nucleus loop spin forever and top-p 1 return an id past
+  the vocabulary) come back as token -1; the finite row is drawn as usual."""
+  logits = np.random.default_rng(2).normal(0, 1, (4, 300)).astype(np.float32)
+  logits[1, 17] = np.nan
+  logits[2, 5] = np.inf
+  logits[3] = -np.inf
+  tokens, logprobs = jax.jit(lambda l, k: sampling.select_tokens(l, k, **kw))(
+      jnp.asarray(logits), jax.random.split(jax.random.key(0), 4))
+  tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+  np.testing.assert_array_equal(tokens[1:], [-1, -1, -1])
+  assert np.isnan(logprobs[1:]).all()
+  assert 0 <= tokens[0] < 300 and np.isfinite(logprobs[0])
+
+
+def _nan_token_params(params, token):
+  """params whose embedding of `token` is NaN: a row that reads it gets NaN logits."""
+  return dict(params, embedding=params["embedding"].at[token].set(jnp.nan))
+
+
+def test_non_finite_prompt_logits_name_the_row(llama):
+  config, params = llama
+  tokens, mask = hf_fixtures.ragged_batch([10, 4, 3], 10, seed=11)  # The shared buckets.
+  tokens[tokens == 200] = 201
+  tokens[1, 2] = 200
+  with pytest.raises(ValueError, match=r"non-finite logits in prompt row 1 \(sample 0\) at "
+                     r"step 0 \(2 row\(s\) in all\)"):
+    sampling.sample(config, _nan_token_params(params, 200), tokens, mask,
+                    rng=jax.random.key(0), top_p=0.9, **SHARED)
+
+
+def test_non_finite_logits_mid_generation_name_the_row_and_step(llama):
+  """Poison the token that greedy decoding emits first on prompt row 1: the first row to read
+  it (in its prompt, or as the previous token) stops with an error naming its step."""
+  config, params = llama
+  tokens, mask = hf_fixtures.ragged_batch([5, 12, 2], 12, seed=7)
+  kw = dict(rng=jax.random.key(0), greedy=True, eos_ids=[], **SHARED)
+  gen = np.asarray(sampling.sample(config, params, tokens, mask, **kw).tokens)[:, 0]
+  poison = int(gen[1, 0])
+  steps = []
+  for row in range(3):
+    if poison in tokens[row][mask[row] > 0]:
+      steps.append(0)
+    else:
+      hits = np.flatnonzero(gen[row, :-1] == poison)
+      steps.append(int(hits[0]) + 1 if len(hits) else None)
+  row = next(r for r, s in enumerate(steps) if s is not None)
+  with pytest.raises(ValueError, match=rf"prompt row {row} \(sample 0\) at step {steps[row]} "):
+    sampling.sample(config, _nan_token_params(params, poison), tokens, mask, **kw)
+
+
 # --- the text helper ---
 
 
@@ -299,6 +355,8 @@ def test_sample_texts_decodes_each_response_up_to_its_eos(llama):
     (dict(top_p=0.0), r"top_p must lie in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must lie in \(0, 1\]"),
     (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(temperature=float("inf")), "temperature must be >= 0 and finite"),
+    (dict(temperature=1e-39), "temperature 1e-39 is below 1e-06"),
     (dict(top_k=-1), "top_k must be an int >= 0"),
     (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
     (dict(tokens=np.array([[3, 300, 0], [4, 0, 0]])), r"token ids must lie in \[0, 256\)"),

@@ -2,6 +2,7 @@
 and a hand-built local transformers folder."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -177,3 +178,93 @@ def test_bad_inputs_raise(tmp_path):
     tk.train_sentencepiece("copy: 1 2 3", str(tmp_path))
   with pytest.raises(ValueError, match="vocab_size"):
     tk.train_sentencepiece(["copy: 1 2 3"], str(tmp_path), vocab_size=8)
+
+
+def _tiny_folder(folder, chat_template=None):
+  """A word-level tokenizer folder (no training) with the given chat template."""
+  words = ["<unk>", "<eos>", "<bos>", "Hello", "there"]
+  backend = tokenizers.Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)},
+                                                  unk_token="<unk>"))
+  backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                            bos_token="<bos>", eos_token="<eos>")
+  if chat_template is not None:
+    hf.chat_template = chat_template
+  hf.save_pretrained(str(folder))
+  return str(folder)
+
+
+def _edit_json(file, **fields):
+  config = {}
+  if os.path.isfile(file):
+    with open(file) as f:
+      config = json.load(f)
+  with open(file, "w") as f:
+    json.dump(dict(config, **fields), f)
+
+
+_GOOD_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+
+
+def test_folders_asking_for_remote_code_are_refused(tmp_path):
+  marker = tmp_path / "code_ran"
+  for name, config_file, auto_map in (
+      ("tok_config", "tokenizer_config.json", {"AutoTokenizer": ["evil.Evil", "evil.Evil"]}),
+      ("tok_config_list", "tokenizer_config.json", ["evil.Evil", None]),
+      ("model_config", "config.json", {"AutoTokenizer": ["evil.Evil", None]})):
+    folder = _tiny_folder(tmp_path / name, _GOOD_TEMPLATE)
+    with open(os.path.join(folder, "evil.py"), "w") as f:
+      f.write(f"open({str(marker)!r}, 'w').close()\n")
+    _edit_json(os.path.join(folder, config_file), auto_map=auto_map)
+    with pytest.raises(tk.TokenizerError, match=f"{config_file}.*trust_remote_code"):
+      tk.load_tokenizer(folder)
+  assert not marker.exists()
+  folder = _tiny_folder(tmp_path / "bad_json", _GOOD_TEMPLATE)
+  with open(os.path.join(folder, "tokenizer_config.json"), "wb") as f:
+    f.write(b'{"auto_map": \xff')
+  with pytest.raises(tk.TokenizerError, match="tokenizer_config.json: not valid JSON"):
+    tk.load_tokenizer(folder)
+  folder = _tiny_folder(tmp_path / "bad_eos", _GOOD_TEMPLATE)
+  _edit_json(os.path.join(folder, "generation_config.json"), eos_token_id=["<eos>"])
+  with pytest.raises(tk.TokenizerError, match="generation_config.json: eos_token_id"):
+    tk.load_tokenizer(folder)
+
+
+# (name, chat template, what the error says). Each fails when the folder is loaded.
+_BAD_TEMPLATES = [
+    ("raises", "{{ raise_exception('no chat here') }}", "rejected the messages.*no chat here"),
+    ("divides_by_zero", "{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("huge_range", "{% for i in range(10**9) %}x{% endfor %}", "OverflowError.*Range too big"),
+    ("nested_loops", "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+     "{% endfor %}{{ messages[0]['content'] }}", r"more than \d+ steps"),
+    ("recursive_macro", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+     "RecursionError"),
+    ("syntax_error", "{% for m in messages %}", "TemplateSyntaxError"),
+    ("renders_empty", "{% if false %}x{% endif %}", "rendered nothing"),
+    ("drops_the_prompt", "<bos>", "drops the user's message"),
+]
+
+
+@pytest.mark.parametrize("name,template,message", _BAD_TEMPLATES,
+                         ids=[c[0] for c in _BAD_TEMPLATES])
+def test_bad_chat_template_fails_at_load_naming_the_folder(tmp_path, name, template, message):
+  tracer = sys.gettrace()
+  folder = _tiny_folder(tmp_path / name, template)
+  with pytest.raises(tk.TokenizerError, match=message) as err:
+    tk.load_tokenizer(folder)
+  assert folder in str(err.value)
+  assert sys.gettrace() is tracer  # the render budget's tracer is gone again
+
+
+def test_runaway_on_some_prompts_is_stopped_at_render(tmp_path):
+  # Renders the probe fine, loops (10**10 steps) only on a prompt saying "boom".
+  template = ("{% for m in messages %}{% if 'boom' in m['content'] %}{% for i in range(100000) %}"
+              "{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}"
+              "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+  tok = tk.load_tokenizer(_tiny_folder(tmp_path, template))
+  assert tok.render_chat("Hello") == "<user>Hello"
+  with pytest.raises(tk.TokenizerError, match=r"more than \d+ steps"):
+    tok.render_chat("boom")
+  folder = _tiny_folder(tmp_path / "plain")  # no chat template: loads, and says so on use
+  with pytest.raises(tk.TokenizerError, match="has no chat template"):
+    tk.load_tokenizer(folder).render_chat("Hello")

@@ -1,31 +1,34 @@
-"""Decoder models (Llama 3, Gemma 2, Qwen 2.5) as pure functions over a params pytree.
+"""Decoder models (Llama 3, Gemma 2, Qwen 2.5, Mistral) as pure functions over a params pytree.
 
-`params` everywhere is the inner Linen params dict (no {"params": ...} wrapper).
+`params` everywhere is the inner Linen params dict (no {"params": ...} wrapper). Models only
+name logical axes (`param_logical_specs`); `eva_jax.sharding` turns them into shardings.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from eva_jax.models.config import (NAMED_SIZES, ModelConfig, gemma2_2b, gemma2_9b, gemma2_27b,
-                                   llama3_8b, llama3_70b, qwen2_5_0_5b, qwen2_5_7b, tiny)
+from eva_jax.kernels.logprob_chunked import apply_softcap
+from eva_jax.models.attention import DenseCache, NoCache, SplitCache
+from eva_jax.models.config import (FAMILY_FEATURES, NAMED_SIZES, ModelConfig, family_config,
+                                   gemma2_2b, gemma2_9b, gemma2_27b, llama3_8b, llama3_70b,
+                                   mistral_7b, qwen2_5_0_5b, qwen2_5_7b, tiny)
 from eva_jax.models.transformer import Decoder
 
 __all__ = [
-    "ModelConfig", "NAMED_SIZES", "gemma2_2b", "gemma2_9b", "gemma2_27b", "llama3_8b",
-    "llama3_70b", "qwen2_5_0_5b", "qwen2_5_7b", "tiny", "init_params", "param_logical_specs",
-    "param_count", "positions_from_mask", "forward", "forward_hidden", "output_projection",
-    "logits_from_hidden", "scores_from_hidden", "init_cache", "decode_step",
+    "ModelConfig", "FAMILY_FEATURES", "NAMED_SIZES", "family_config", "gemma2_2b", "gemma2_9b",
+    "gemma2_27b", "llama3_8b", "llama3_70b", "mistral_7b", "qwen2_5_0_5b", "qwen2_5_7b", "tiny",
+    "init_params", "param_logical_specs", "param_count", "positions_from_mask", "forward",
+    "forward_hidden", "output_projection", "logits_from_hidden", "scores_from_hidden",
+    "init_cache", "decode_step", "init_generated_cache", "sample_step", "NoCache", "DenseCache",
+    "SplitCache",
 ]
 
 
 def _dummy_inputs(batch: int = 1, length: int = 2):
   tokens = jnp.zeros((batch, length), jnp.int32)
-  pos = jnp.zeros((batch, length), jnp.int32)
-  return tokens, pos, pos, jnp.ones((batch, length), bool)
+  return tokens, jnp.zeros((batch, length), jnp.int32), NoCache(jnp.ones((batch, length), bool))
 
 
 def _boxed_init(config: ModelConfig, rng):
@@ -60,7 +63,7 @@ def forward_hidden(config: ModelConfig, params: dict, tokens_BxT: jax.Array,
   """Final (normed) hidden states [B, T, D] in the compute dtype; padding on either side."""
   valid = attention_mask_BxT.astype(bool)
   pos = positions_from_mask(attention_mask_BxT)
-  hidden, _ = Decoder(config).apply({"params": params}, tokens_BxT, pos, pos, valid)
+  hidden, _ = Decoder(config).apply({"params": params}, tokens_BxT, pos, NoCache(valid))
   return hidden
 
 
@@ -74,13 +77,10 @@ def output_projection(config: ModelConfig, params: dict) -> jax.Array:
 
 
 def logits_from_hidden(config: ModelConfig, params: dict, hidden_BxTxD: jax.Array) -> jax.Array:
-  """float32 logits [..., V], with Gemma 2's final soft-capping."""
+  """float32 logits [..., V], soft-capped where the config says so (Gemma 2)."""
   w_DxV = output_projection(config, params).astype(config.jnp_dtype)
   logits = jnp.einsum("...D,DV->...V", hidden_BxTxD, w_DxV, preferred_element_type=jnp.float32)
-  if config.final_logit_softcap is not None:
-    cap = config.final_logit_softcap
-    logits = cap * jnp.tanh(logits / cap)
-  return logits
+  return apply_softcap(logits, config.final_logit_softcap)
 
 
 def scores_from_hidden(config: ModelConfig, params: dict, hidden_BxTxD: jax.Array,
@@ -122,5 +122,21 @@ def decode_step(config: ModelConfig, params: dict, tokens_BxT: jax.Array,
   slot, its position and whether it holds a real token (`kv_positions`, `kv_valid`), already
   updated for the new slots: a query at position p attends to valid slots at positions <= p.
   """
-  return Decoder(config).apply({"params": params}, tokens_BxT, positions_BxT, kv_positions_BxS,
-                               kv_valid_BxS, cache, write_index)
+  dense = DenseCache(cache["k"], cache["v"], write_index, kv_positions_BxS, kv_valid_BxS)
+  return Decoder(config).apply({"params": params}, tokens_BxT, positions_BxT, dense)
+
+
+def init_generated_cache(config: ModelConfig, rows: int, length: int, dtype) -> dict:
+  """The sampler's empty generated-token cache {"k", "v"}: [L, rows, K, length, E] each."""
+  shape = (config.num_layers, rows, config.num_kv_heads, length, config.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def sample_step(config: ModelConfig, params: dict, tokens_R: jax.Array, positions_R: jax.Array,
+                cache: SplitCache) -> tuple[jax.Array, dict]:
+  """One new token per row (R = B * N rows, prompt-major) through the same decoder ->
+  (final hidden [R, D], the new keys/values {"k", "v"} [L, R, K, E] to store in generated slot
+  `cache.num_written`). See `SplitCache` for the cache layout."""
+  hidden_Rx1xD, new_kv = Decoder(config).apply({"params": params}, tokens_R[:, None],
+                                               positions_R[:, None], cache)
+  return hidden_Rx1xD[:, 0], new_kv

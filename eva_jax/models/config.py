@@ -1,17 +1,23 @@
-"""Model hyperparameters: one frozen dataclass for the Llama 3, Gemma 2 and Qwen 2.5 families.
+"""Model hyperparameters: one frozen dataclass for every decoder family.
 
-Named sizes are factories (`gemma2_9b()`), never if-chains; each returns the published shape.
-`num_labels > 0` turns the decoder into a sequence-classification (reward) model whose head is
-read at the last real token.
+Family differences are feature fields (`norm_scale_plus_one`, `post_norms`, `embed_scale`,
+`mlp_activation`, `qkv_bias`, the soft-caps, the sliding window), set by each family's entry in
+`FAMILY_FEATURES`; the model code reads the features, never the family name. Named sizes are
+factories (`gemma2_9b()`), never if-chains; each returns the published shape. `num_labels > 0`
+turns the decoder into a sequence-classification (reward) model whose head is read at the last
+real token.
+
+Adding a family: its `FAMILY_FEATURES` entry and named sizes here, its table in
+`eva_jax.models.hf_families`, its parity test.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import jax.numpy as jnp
 
-FAMILIES = ("llama", "gemma2", "qwen2")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,13 +37,24 @@ class ModelConfig:
   rope_llama3_scaling: Optional[tuple[float, float, float, int]] = None
   rms_norm_eps: float = 1e-6
   tie_embeddings: bool = False
+  # Architecture features (the family factories set them).
   qkv_bias: bool = False
-  # Gemma 2 only.
+  # RMSNorm stores w and scales by (1 + w) (Gemma) instead of storing the scale itself.
+  norm_scale_plus_one: bool = False
+  # Extra norms on the attention and MLP outputs, before the residual add (Gemma 2).
+  post_norms: bool = False
+  # Embeddings multiplied by sqrt(hidden_size), rounded to the compute dtype (Gemma).
+  embed_scale: bool = False
+  # The gated MLP's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, tanh approximation).
+  mlp_activation: str = "silu"
+  # Attention window in tokens (a query at p sees keys at positions > p - window); None: global.
   sliding_window: Optional[int] = None
-  # Per layer: True where the layer attends through the sliding window.
+  # Per layer: True where the layer uses the window; None: every layer does (when windowed).
   sliding_layers: Optional[tuple[bool, ...]] = None
+  # cap * tanh(x / cap) on attention scores / final logits; None: off.
   attn_logit_softcap: Optional[float] = None
   final_logit_softcap: Optional[float] = None
+  # Queries scaled by query_pre_attn_scalar ** -0.5 (default head_dim ** -0.5).
   query_pre_attn_scalar: Optional[float] = None
   # 0: causal LM (logits [B, T, V]); >0: sequence classification (scores [B, num_labels]).
   num_labels: int = 0
@@ -53,8 +70,15 @@ class ModelConfig:
   remat: str = "none"
 
   def __post_init__(self):
-    if self.family not in FAMILIES:
-      raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got {self.family!r}")
+    if self.family not in FAMILY_FEATURES:
+      raise ValueError(f"ModelConfig.family must be one of {tuple(FAMILY_FEATURES)}, got "
+                       f"{self.family!r}")
+    if self.mlp_activation not in MLP_ACTIVATIONS:
+      raise ValueError(f"ModelConfig.mlp_activation must be one of {MLP_ACTIVATIONS}, got "
+                       f"{self.mlp_activation!r}")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"ModelConfig.sliding_window must be >= 1 or None, got "
+                       f"{self.sliding_window}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -65,10 +89,6 @@ class ModelConfig:
           f"{self.num_layers} layers")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"ModelConfig.remat must be 'none', 'full' or 'dots', got {self.remat!r}")
-
-  @property
-  def is_gemma(self) -> bool:
-    return self.family == "gemma2"
 
   @property
   def is_reward_model(self) -> bool:
@@ -85,8 +105,10 @@ class ModelConfig:
   @property
   def layer_windows(self) -> tuple[int, ...]:
     """Per layer attention window in tokens; 0 means global attention."""
-    if self.sliding_window is None or self.sliding_layers is None:
+    if self.sliding_window is None:
       return (0,) * self.num_layers
+    if self.sliding_layers is None:
+      return (self.sliding_window,) * self.num_layers
     return tuple(self.sliding_window if s else 0 for s in self.sliding_layers)
 
   def replace(self, **kwargs) -> "ModelConfig":
@@ -104,17 +126,35 @@ class ModelConfig:
     return self.num_layers * per_layer + out
 
 
+def _alternating_windows(num_layers: int) -> dict:
+  # Layer 0 is local, layer 1 global, and so on (transformers' Gemma2 layer_types).
+  return dict(sliding_layers=tuple(i % 2 == 0 for i in range(num_layers)))
+
+
+# Per family: (num_layers -> the feature fields every size of the family shares).
+FAMILY_FEATURES: dict[str, Callable[[int], dict]] = {
+    "llama": lambda n: {},
+    "qwen2": lambda n: dict(qkv_bias=True),
+    "mistral": lambda n: {},
+    "gemma2": lambda n: dict(
+        norm_scale_plus_one=True, post_norms=True, embed_scale=True, mlp_activation="gelu_tanh",
+        tie_embeddings=True, attn_logit_softcap=50.0, final_logit_softcap=30.0,
+        **_alternating_windows(n)),
+}
+
+
+def family_config(family: str, **fields) -> ModelConfig:
+  """A ModelConfig of `family`: its features, overridden by `fields` (sizes and the rest)."""
+  if family not in FAMILY_FEATURES:
+    raise ValueError(f"unknown model family {family!r} (known: {', '.join(FAMILY_FEATURES)})")
+  features = FAMILY_FEATURES[family](fields["num_layers"])
+  return ModelConfig(family=family, **{**features, **fields})
+
+
 def _gemma2(**kw) -> ModelConfig:
-  n = kw["num_layers"]
-  defaults = dict(
-      family="gemma2", vocab_size=256000, head_dim=256, rope_theta=10000.0, rms_norm_eps=1e-6,
-      tie_embeddings=True, sliding_window=4096,
-      # Layer 0 is local, layer 1 global, and so on (transformers' Gemma2 layer_types).
-      sliding_layers=tuple(i % 2 == 0 for i in range(n)),
-      attn_logit_softcap=50.0, final_logit_softcap=30.0, pad_token_id=0, bos_token_id=2,
-      eos_token_ids=(1, 107))
-  defaults.update(kw)
-  return ModelConfig(**defaults)
+  defaults = dict(vocab_size=256000, head_dim=256, rope_theta=10000.0, rms_norm_eps=1e-6,
+                  sliding_window=4096, pad_token_id=0, bos_token_id=2, eos_token_ids=(1, 107))
+  return family_config("gemma2", **{**defaults, **kw})
 
 
 def gemma2_2b(**kw) -> ModelConfig:
@@ -133,12 +173,10 @@ def gemma2_27b(**kw) -> ModelConfig:
 
 
 def _llama3(**kw) -> ModelConfig:
-  defaults = dict(family="llama", vocab_size=128256, head_dim=128, rope_theta=500000.0,
-                  rms_norm_eps=1e-5, max_position_embeddings=131072, bos_token_id=128000,
-                  eos_token_ids=(128001, 128009),
-                  rope_llama3_scaling=(8.0, 1.0, 4.0, 8192))
-  defaults.update(kw)
-  return ModelConfig(**defaults)
+  defaults = dict(vocab_size=128256, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5,
+                  max_position_embeddings=131072, bos_token_id=128000,
+                  eos_token_ids=(128001, 128009), rope_llama3_scaling=(8.0, 1.0, 4.0, 8192))
+  return family_config("llama", **{**defaults, **kw})
 
 
 def llama3_8b(**kw) -> ModelConfig:
@@ -153,11 +191,10 @@ def llama3_70b(**kw) -> ModelConfig:
 
 
 def _qwen2_5(**kw) -> ModelConfig:
-  defaults = dict(family="qwen2", rope_theta=1000000.0, rms_norm_eps=1e-6, qkv_bias=True,
-                  head_dim=128, max_position_embeddings=32768, bos_token_id=None,
+  defaults = dict(rope_theta=1000000.0, rms_norm_eps=1e-6, head_dim=128,
+                  max_position_embeddings=32768, bos_token_id=None,
                   eos_token_ids=(151645, 151643), pad_token_id=151643)
-  defaults.update(kw)
-  return ModelConfig(**defaults)
+  return family_config("qwen2", **{**defaults, **kw})
 
 
 def qwen2_5_0_5b(**kw) -> ModelConfig:
@@ -170,23 +207,33 @@ def qwen2_5_7b(**kw) -> ModelConfig:
                   num_heads=28, num_kv_heads=4, **kw)
 
 
+def mistral_7b(**kw) -> ModelConfig:
+  """Mistral 7B v0.1: a 4096-token sliding window on every layer, vocab 32000."""
+  defaults = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                  num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=10000.0,
+                  rms_norm_eps=1e-5, sliding_window=4096, max_position_embeddings=32768,
+                  bos_token_id=1, eos_token_ids=(2,))
+  return family_config("mistral", **{**defaults, **kw})
+
+
+# Per family, what a tiny model changes beyond the shared tiny sizes (a window the test
+# sequences cross, a tied head where the family's small sizes tie it).
+_TINY_EXTRAS = {
+    "gemma2": dict(sliding_window=8, query_pre_attn_scalar=16),
+    "qwen2": dict(tie_embeddings=True),
+}
+
+
 def tiny(family: str = "llama", **kw) -> ModelConfig:
   """A few-thousand-parameter model of any family, for tests and the embedded default."""
-  defaults = dict(family=family, vocab_size=256, hidden_size=64, intermediate_size=128,
-                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0)
-  if family == "gemma2":
-    n = kw.get("num_layers", 2)
-    defaults.update(tie_embeddings=True, sliding_window=8,
-                    sliding_layers=tuple(i % 2 == 0 for i in range(n)), attn_logit_softcap=50.0,
-                    final_logit_softcap=30.0, query_pre_attn_scalar=16)
-  if family == "qwen2":
-    defaults.update(qkv_bias=True, tie_embeddings=True)
-  defaults.update(kw)
-  return ModelConfig(**defaults)
+  defaults = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+                  **_TINY_EXTRAS.get(family, {}))
+  return family_config(family, **{**defaults, **kw})
 
 
 NAMED_SIZES = {
     "gemma2_2b": gemma2_2b, "gemma2_9b": gemma2_9b, "gemma2_27b": gemma2_27b,
     "llama3_8b": llama3_8b, "llama3_70b": llama3_70b,
-    "qwen2_5_0_5b": qwen2_5_0_5b, "qwen2_5_7b": qwen2_5_7b,
+    "qwen2_5_0_5b": qwen2_5_0_5b, "qwen2_5_7b": qwen2_5_7b, "mistral_7b": mistral_7b,
 }

@@ -1,27 +1,28 @@
 """Hugging Face checkpoints: local folders of config.json + *.safetensors, in and out.
 
-`load(path)` reads a `*ForCausalLM` or `*ForSequenceClassification` folder of the Llama, Gemma 2
-or Qwen 2 families (sharded index files too) and returns (ModelConfig, params); given a mesh it
-places every tensor straight onto its sharding (each device reads only its slice from the
-memory-mapped file). `save(path, config, params)` writes a folder transformers loads. Pickled
-weights (.bin/.pt) are refused, never unpickled.
+`load(path)` reads a `*ForCausalLM` or `*ForSequenceClassification` folder of a family in
+`hf_families.HF_FAMILIES` (Llama, Gemma 2, Qwen 2, Mistral; sharded index files too) and returns
+(ModelConfig, params); given `shardings` (e.g. `sharding.param_shardings_for(mesh)`) it places
+every tensor straight onto its sharding (each device reads only its slice from the memory-mapped
+file). `save(path, config, params)` writes a folder transformers loads. Pickled weights
+(.bin/.pt) are refused, never unpickled. Everything family-specific is in `hf_families`.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eva_jax import models
+from eva_jax import host, models
 from eva_jax.models.config import ModelConfig
+from eva_jax.models.hf_families import ACTIVATIONS, HF_FAMILIES, HFFamily
 from eva_jax.models.safetensors_io import SafetensorsFile, iter_shards, save_file
 
-SUPPORTED_MODEL_TYPES = ("llama", "gemma2", "qwen2")
-_ARCH_PREFIX = {"llama": "Llama", "gemma2": "Gemma2", "qwen2": "Qwen2"}
+SUPPORTED_MODEL_TYPES = tuple(HF_FAMILIES)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -30,14 +31,34 @@ INDEX_FILE = "model.safetensors.index.json"
 # config.json <-> ModelConfig
 
 
+def _family(model_type, where: str) -> HFFamily:
+  if model_type not in HF_FAMILIES:
+    raise ValueError(f"{where}: unsupported model_type {model_type!r} "
+                     f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+  return HF_FAMILIES[model_type]
+
+
+def _rope_from_hf(hf: dict, where: str) -> tuple[float, Optional[tuple]]:
+  """(rope_theta, Llama 3.1 scaling or None) from transformers 5 or legacy fields."""
+  rope = dict(hf.get("rope_parameters") or {})
+  legacy = dict(hf.get("rope_scaling") or {})
+  theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  rope_type = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+  if rope_type == "llama3":
+    src = rope if "factor" in rope else legacy
+    return theta, (float(src["factor"]), float(src["low_freq_factor"]),
+                   float(src["high_freq_factor"]), int(src["original_max_position_embeddings"]))
+  if rope_type != "default":
+    raise ValueError(f"{where}: unsupported rope_type {rope_type!r} (default and llama3 only)")
+  return theta, None
+
+
 def config_from_hf(hf: dict, *, where: str = "config.json", dtype: str = "float32",
                    compute_dtype: Optional[str] = None) -> ModelConfig:
   """Translates a transformers config dict; unsupported features are refused by name."""
   model_type = hf.get("model_type")
-  if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"{where}: unsupported model_type {model_type!r} "
-                     f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-  arch = (hf.get("architectures") or [f"{_ARCH_PREFIX[model_type]}ForCausalLM"])[0]
+  family = _family(model_type, where)
+  arch = (hf.get("architectures") or [f"{family.architecture}ForCausalLM"])[0]
   if arch.endswith("ForSequenceClassification"):
     num_labels = int(hf.get("num_labels") or len(hf.get("id2label") or {0: 0}))
   elif arch.endswith("ForCausalLM"):
@@ -45,59 +66,43 @@ def config_from_hf(hf: dict, *, where: str = "config.json", dtype: str = "float3
   else:
     raise ValueError(f"{where}: unsupported architecture {arch!r} "
                      "(expected *ForCausalLM or *ForSequenceClassification)")
-  for flag in ("attention_bias", "mlp_bias"):
-    if model_type == "llama" and hf.get(flag):
-      raise ValueError(f"{where}: field {flag}=true is not supported for llama")
-  if model_type == "qwen2" and hf.get("use_sliding_window"):
-    raise ValueError(f"{where}: field use_sliding_window=true is not supported for qwen2")
-  act = hf.get("hidden_activation") or hf.get("hidden_act")
-  expected_act = "gelu_pytorch_tanh" if model_type == "gemma2" else "silu"
-  if act is not None and act != expected_act:
-    raise ValueError(f"{where}: field hidden_act={act!r} is not supported for {model_type} "
-                     f"(expected {expected_act!r})")
-
-  rope = dict(hf.get("rope_parameters") or {})
-  legacy = dict(hf.get("rope_scaling") or {})
-  theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-  rope_type = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
-  scaling = None
-  if rope_type == "llama3":
-    src = rope if "factor" in rope else legacy
-    scaling = (float(src["factor"]), float(src["low_freq_factor"]),
-               float(src["high_freq_factor"]), int(src["original_max_position_embeddings"]))
-  elif rope_type != "default":
-    raise ValueError(f"{where}: unsupported rope_type {rope_type!r} (default and llama3 only)")
+  for field, value in family.pinned.items():
+    if field in hf and hf[field] != value:
+      raise ValueError(f"{where}: field {field}={json.dumps(hf[field])} is not supported for "
+                       f"{model_type} (only {json.dumps(value)})")
 
   heads = int(hf["num_attention_heads"])
+  num_layers = int(hf["num_hidden_layers"])
+  features = models.FAMILY_FEATURES[model_type](num_layers)
+  act = hf.get(family.activation_field) or hf.get("hidden_act")
+  if act is not None and act not in ACTIVATIONS:
+    raise ValueError(f"{where}: field {family.activation_field}={act!r} is not supported "
+                     f"(supported: {', '.join(ACTIVATIONS)})")
+  theta, scaling = _rope_from_hf(hf, where)
   eos = hf.get("eos_token_id")
   eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
   fields = dict(
-      family=model_type, vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
-      intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
+      vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
+      intermediate_size=int(hf["intermediate_size"]), num_layers=num_layers,
       num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
       head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads), rope_theta=theta,
       rope_llama3_scaling=scaling, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma2")),
-      qkv_bias=model_type == "qwen2", num_labels=num_labels,
+      tie_embeddings=bool(hf.get("tie_word_embeddings",
+                                 features.get("tie_embeddings", False))),
+      num_labels=num_labels,
       max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
       pad_token_id=hf.get("pad_token_id"), bos_token_id=hf.get("bos_token_id"),
       eos_token_ids=eos, param_dtype=dtype, dtype=compute_dtype or dtype)
-  if model_type == "gemma2":
-    n = fields["num_layers"]
-    types = hf.get("layer_types") or [
-        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
-    fields.update(
-        sliding_window=hf.get("sliding_window"),
-        sliding_layers=tuple(t == "sliding_attention" for t in types),
-        attn_logit_softcap=hf.get("attn_logit_softcapping"),
-        final_logit_softcap=hf.get("final_logit_softcapping"),
-        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)))
-  return ModelConfig(**fields)
+  if act is not None:
+    fields["mlp_activation"] = ACTIVATIONS[act]
+  fields.update({ours: hf.get(theirs) for theirs, ours in family.fields})
+  fields.update(family.read(hf, num_layers))
+  return models.family_config(model_type, **fields)
 
 
 def config_to_hf(config: ModelConfig, dtype: str) -> dict:
   """A transformers config dict for `config` (transformers 5 field names)."""
-  prefix = _ARCH_PREFIX[config.family]
+  family = HF_FAMILIES[config.family]
   head = "ForSequenceClassification" if config.is_reward_model else "ForCausalLM"
   rope = {"rope_type": "default", "rope_theta": config.rope_theta}
   if config.rope_llama3_scaling is not None:
@@ -105,8 +110,9 @@ def config_to_hf(config: ModelConfig, dtype: str) -> dict:
     rope.update(rope_type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
                 original_max_position_embeddings=original)
   eos = list(config.eos_token_ids)
+  activation = {ours: theirs for theirs, ours in ACTIVATIONS.items()}[config.mlp_activation]
   hf = {
-      "architectures": [prefix + head], "model_type": config.family,
+      "architectures": [family.architecture + head], "model_type": config.family,
       "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
       "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
       "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
@@ -116,24 +122,14 @@ def config_to_hf(config: ModelConfig, dtype: str) -> dict:
       "max_position_embeddings": config.max_position_embeddings,
       "pad_token_id": config.pad_token_id, "bos_token_id": config.bos_token_id,
       "eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "dtype": dtype,
+      family.activation_field: activation,
   }
   if config.is_reward_model:
     hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
     hf["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
-  if config.family == "gemma2":
-    hf.update(hidden_activation="gelu_pytorch_tanh", sliding_window=config.sliding_window,
-              layer_types=["sliding_attention" if s else "full_attention"
-                           for s in config.sliding_layers],
-              attn_logit_softcapping=config.attn_logit_softcap,
-              final_logit_softcapping=config.final_logit_softcap,
-              # transformers validates this field as an int.
-              query_pre_attn_scalar=int(config.query_pre_attn_scalar))
-  else:
-    hf.update(hidden_act="silu")
-  if config.family == "llama":
-    hf.update(attention_bias=False, mlp_bias=False)
-  if config.family == "qwen2":
-    hf.update(use_sliding_window=False)
+  hf.update({theirs: getattr(config, ours) for theirs, ours in family.fields})
+  hf.update(family.pinned)
+  hf.update(family.write(config))
   return hf
 
 
@@ -161,19 +157,8 @@ def _layout(config: ModelConfig) -> list[tuple[tuple[str, ...], str, str, bool]]
   entries.append((("layers", "attn", "o"), layer + "self_attn.o_proj.weight", "out_heads", True))
   for name in ("gate", "up", "down"):
     entries.append((("layers", "mlp", name), layer + f"mlp.{name}_proj.weight", "T", True))
-  entries.append((("layers", "input_norm", "scale"), layer + "input_layernorm.weight", "copy",
-                  True))
-  if config.is_gemma:
-    entries += [
-        (("layers", "post_attn_norm", "scale"), layer + "post_attention_layernorm.weight",
-         "copy", True),
-        (("layers", "pre_mlp_norm", "scale"), layer + "pre_feedforward_layernorm.weight",
-         "copy", True),
-        (("layers", "post_mlp_norm", "scale"), layer + "post_feedforward_layernorm.weight",
-         "copy", True)]
-  else:
-    entries.append((("layers", "pre_mlp_norm", "scale"), layer + "post_attention_layernorm.weight",
-                    "copy", True))
+  for ours, theirs in HF_FAMILIES[config.family].layer_norms:
+    entries.append((("layers", ours, "scale"), layer + f"{theirs}.weight", "copy", True))
   return entries
 
 
@@ -244,10 +229,12 @@ def _open_weights(path: str) -> dict[str, SafetensorsFile]:
 
 
 def load(path: str, *, dtype: str = "float32", compute_dtype: Optional[str] = None,
-         mesh=None, rules=None) -> tuple[ModelConfig, dict]:
+         shardings: Optional[Callable[[ModelConfig], dict]] = None
+         ) -> tuple[ModelConfig, dict]:
   """Loads a local HF folder; returns (ModelConfig, params) in `dtype`.
 
-  With a mesh, each parameter is built with `jax.make_array_from_callback`, so each device
+  shardings: config -> a params-shaped pytree of jax Shardings (`sharding.param_shardings_for(
+  mesh)`); each parameter is then built with `jax.make_array_from_callback`, so each device
   receives only its own slice, read from the memory-mapped safetensors file.
   """
   config_path = os.path.join(path, "config.json")
@@ -258,10 +245,7 @@ def load(path: str, *, dtype: str = "float32", compute_dtype: Optional[str] = No
   config = config_from_hf(hf, where=config_path, dtype=dtype, compute_dtype=compute_dtype)
   weights = _open_weights(path)
   shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
-  shardings = None
-  if mesh is not None:
-    from eva_jax import sharding as sharding_lib
-    shardings = sharding_lib.param_shardings(config, mesh, rules or sharding_lib.DEFAULT_RULES)
+  placement = shardings(config) if shardings is not None else None
 
   consumed, params = set(), {}
   np_dtype = jnp.dtype(dtype)
@@ -289,10 +273,10 @@ def load(path: str, *, dtype: str = "float32", compute_dtype: Optional[str] = No
       return _to_ours(weights[names[0]].get(names[0]), layout, layer_shape)[index].astype(
           np_dtype)
 
-    if shardings is None:
+    if placement is None:
       value = jnp.asarray(read())
     else:
-      value = jax.make_array_from_callback(shape, _get(shardings, our_path), read)
+      value = jax.make_array_from_callback(shape, _get(placement, our_path), read)
     _set(params, our_path, value)
 
   # Tied checkpoints sometimes also carry a copy of the embedding as lm_head.
@@ -306,13 +290,6 @@ def load(path: str, *, dtype: str = "float32", compute_dtype: Optional[str] = No
   return config, params
 
 
-def _host(x) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def save(path: str, config: ModelConfig, params: dict, *, dtype: Optional[str] = None,
          max_shard_bytes: int = 5 * 2**30) -> None:
   """Writes config.json and safetensors (sharded with an index past max_shard_bytes).
@@ -323,7 +300,7 @@ def save(path: str, config: ModelConfig, params: dict, *, dtype: Optional[str] =
   np_dtype = jnp.dtype(dtype)
   tensors = {}
   for our_path, hf_name, layout, per_layer in _layout(config):
-    value = _host(_get(params, our_path)).astype(np_dtype)
+    value = host.to_host(_get(params, our_path)).astype(np_dtype)
     if per_layer:
       for i in range(config.num_layers):
         tensors[hf_name.format(i=i)] = np.ascontiguousarray(_to_hf(value[i], layout))
@@ -356,10 +333,4 @@ def _write_json(path: str, obj) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2)
   os.replace(tmp, path)
-
-
-def load_tokenizer(path: str):
-  """The tokenizer (with its chat template) of a local HF folder, via transformers."""
-  from eva_jax.models.tokenizer import load_tokenizer as _load
-  return _load(path)
 

@@ -5,6 +5,15 @@ what the rest of eva_jax needs: chat-template rendering to token ids, the set of
 padded int32 batches. `train_sentencepiece` trains a small sentencepiece BPE model on the fly,
 converts it to a `tokenizers` tokenizer with a chat template, saves it as a local transformers
 folder (cached by a hash of settings + corpus) and loads it through the same path.
+
+A tokenizer folder is untrusted input. `load_tokenizer` refuses one that asks for its own Python
+code (an `auto_map` in tokenizer_config.json, or an AutoTokenizer entry in config.json's) and
+never lets transformers run remote code. Chat templates are jinja, which transformers renders in
+a sandbox that caps `range` at 100000 items but not the work nested loops do, so every render
+runs under a budget of `MAX_TEMPLATE_STEPS` Python trace events (a runaway template stops within
+seconds); a template that raises, exceeds the budget or renders nothing gives one
+`TokenizerError` naming the folder, already at load time, where it is rendered once on a probe
+prompt. The budget does not bound a single huge C-level operation (e.g. `'x' * 10**10`).
 """
 from __future__ import annotations
 
@@ -13,6 +22,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any, Sequence, Union
 
@@ -34,6 +44,11 @@ _CHAT_TEMPLATE = (
     "{{ raise_exception('unknown chat role: ' + message['role']) }}{% endif %}"
     "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+# Trace events (Python calls and lines) one chat render may take, the template's first
+# compilation included: a long real template compiles in ~250k, renders in ~1k.
+MAX_TEMPLATE_STEPS = 5_000_000
+# The load-time probe: the rendered chat must contain this user prompt.
+_PROBE_PROMPT = "Hello there"
 _HASH_FILE = "eva_settings.sha256"
 # Bump when the conversion below changes, so that cached tokenizers are rebuilt.
 _FORMAT_VERSION = 1
@@ -63,16 +78,76 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, *, pad_to_multiple
   return ids_BxT, mask_BxT
 
 
+class TokenizerError(ValueError):
+  """A tokenizer folder or its chat template is refused (the message names the folder)."""
+
+
+class _StepBudgetExceeded(BaseException):
+  """Raised inside a runaway render; a BaseException so that no `except Exception` in the
+  rendering code swallows it."""
+
+
+def _run_bounded(fn, *args, **kwargs):
+  """fn(*args, **kwargs), stopped with _StepBudgetExceeded after MAX_TEMPLATE_STEPS trace
+  events in this thread (the previous trace function is restored afterwards)."""
+  steps = 0
+
+  def count(frame, event, arg):
+    nonlocal steps
+    steps += 1
+    if steps > MAX_TEMPLATE_STEPS:
+      raise _StepBudgetExceeded
+    return count
+
+  previous = sys.gettrace()
+  sys.settrace(count)
+  try:
+    return fn(*args, **kwargs)
+  finally:
+    sys.settrace(previous)
+
+
+def _read_json_object(file: str) -> dict:
+  """The JSON object in `file` ({} when there is no such file)."""
+  if not os.path.isfile(file):
+    return {}
+  try:
+    with open(file, encoding="utf-8") as f:
+      value = json.load(f)
+  except (ValueError, RecursionError) as err:  # bad JSON or bad UTF-8
+    raise TokenizerError(f"{file}: not valid JSON ({err})") from None
+  if not isinstance(value, dict):
+    raise TokenizerError(f"{file}: expected a JSON object, got {type(value).__name__}")
+  return value
+
+
+def _refuse_remote_code(path: str) -> None:
+  """TokenizerError if the folder asks transformers to import Python code it ships."""
+  tokenizer_config = os.path.join(path, "tokenizer_config.json")
+  if "auto_map" in _read_json_object(tokenizer_config):
+    raise TokenizerError(f"{tokenizer_config}: 'auto_map' asks for the folder's own Python "
+                         "code (trust_remote_code); refused, use a tokenizer transformers "
+                         "implements")
+  model_config = os.path.join(path, "config.json")
+  auto_map = _read_json_object(model_config).get("auto_map")
+  if isinstance(auto_map, dict) and "AutoTokenizer" in auto_map:
+    raise TokenizerError(f"{model_config}: auto_map['AutoTokenizer'] asks for the folder's own "
+                         "Python code (trust_remote_code); refused")
+
+
 def _generation_config_eos(path: str | None) -> list[int]:
   """eos_token_id (an int or a list) of generation_config.json in `path`, if there is one."""
   file = os.path.join(path, "generation_config.json") if path else None
-  if not file or not os.path.isfile(file):
+  if not file:
     return []
-  with open(file) as f:
-    eos = json.load(f).get("eos_token_id")
+  eos = _read_json_object(file).get("eos_token_id")
   if eos is None:
     return []
-  return [int(i) for i in (eos if isinstance(eos, list) else [eos])]
+  ids = eos if isinstance(eos, list) else [eos]
+  if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    raise TokenizerError(f"{file}: eos_token_id must be a token id or a list of them, "
+                         f"got {eos!r:.80}")
+  return ids
 
 
 class Tokenizer:
@@ -92,8 +167,9 @@ class Tokenizer:
     eos += [vocab[m] for m in TURN_END_MARKERS if m in vocab]
     self._eos_ids = tuple(dict.fromkeys(eos))
     if not self._eos_ids:
-      raise ValueError(f"tokenizer at {path!r} has no eos token, no generation_config.json "
-                       f"eos_token_id and none of the turn-end markers {TURN_END_MARKERS}")
+      raise TokenizerError(f"tokenizer at {path!r} has no eos token, no "
+                           f"generation_config.json eos_token_id and none of the turn-end "
+                           f"markers {TURN_END_MARKERS}")
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
@@ -142,13 +218,20 @@ class Tokenizer:
       raise ValueError("messages must be a prompt string or a non-empty list of "
                        "{'role': ..., 'content': ...} dicts")
     if not self.hf.chat_template:
-      raise ValueError(f"tokenizer at {self.path!r} has no chat template")
-    import jinja2  # transformers renders chat templates with jinja2.
+      raise TokenizerError(f"tokenizer at {self.path!r} has no chat template")
     try:
-      return self.hf.apply_chat_template(list(messages), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
-    except jinja2.TemplateError as err:
-      raise ValueError(f"the chat template of {self.path!r} rejected the messages: {err}") from err
+      rendered = _run_bounded(self.hf.apply_chat_template, list(messages), tokenize=False,
+                              add_generation_prompt=add_generation_prompt)
+    except _StepBudgetExceeded:
+      raise TokenizerError(f"the chat template of {self.path!r} ran for more than "
+                           f"{MAX_TEMPLATE_STEPS} steps (a runaway loop?)") from None
+    except Exception as err:  # pylint: disable=broad-except  # the template is untrusted code
+      raise TokenizerError(f"the chat template of {self.path!r} rejected the messages: "
+                           f"{type(err).__name__}: {err}") from err
+    if not isinstance(rendered, str) or not rendered:
+      raise TokenizerError(f"the chat template of {self.path!r} rendered nothing "
+                           f"({rendered!r:.80})")
+    return rendered
 
   def apply_chat_template(self, messages: Union[str, Messages],
                           add_generation_prompt: bool = True) -> list[int]:
@@ -174,12 +257,24 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-  """Loads the tokenizer of a local transformers folder (tokenizer.json or tokenizer.model)."""
+  """Loads the tokenizer of a local transformers folder (tokenizer.json or tokenizer.model).
+
+  TokenizerError for a folder that asks for remote code, or whose chat template (if it has
+  one) fails on a probe prompt: raises, runs away, renders nothing or drops the prompt.
+  """
   if not os.path.isdir(path):
     raise FileNotFoundError(f"tokenizer folder {path!r} does not exist")
+  _refuse_remote_code(path)
   import transformers  # Deferred: only tokenizer users pay for the import.
-  hf = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-  return Tokenizer(hf, path)
+  hf = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                  trust_remote_code=False)
+  tokenizer = Tokenizer(hf, path)
+  if hf.chat_template:
+    rendered = tokenizer.render_chat(_PROBE_PROMPT)
+    if _PROBE_PROMPT not in rendered:
+      raise TokenizerError(f"the chat template of {path!r} drops the user's message: "
+                           f"{_PROBE_PROMPT!r} renders as {rendered!r:.200}")
+  return tokenizer
 
 
 def _bpe_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:

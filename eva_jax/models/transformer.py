@@ -1,32 +1,27 @@
-"""One Flax Linen decoder for the Llama 3, Gemma 2 and Qwen 2.5 families.
+"""One Flax Linen decoder for every family; family differences are ModelConfig feature fields.
 
 Axis letters in names: B batch, T new tokens, S key/value slots (the cache, or T without one),
-D hidden, H query heads, K key/value heads, G query heads per key/value head, E head dim,
-F MLP hidden, V vocab, L layers.
+D hidden, H query heads, K key/value heads, E head dim, F MLP hidden, V vocab, L layers.
 
 The layers are one `nn.scan` over a block, so parameters carry a leading `layers` axis and a
-model of any depth compiles once. The module returns the final hidden states; the heads (LM
-logits, reward score) are pure functions over the parameters in `eva_jax.models`, so training can
-feed hidden states straight into the fused log-prob kernel without ever forming [B, T, V].
-
-Masking works on positions, not slot indices: a query at position p sees the valid slots whose
-position is <= p (and > p - window on sliding layers). That one rule covers right-padded batches,
-left-padded batches and a KV cache whose slots hold prompt padding.
+model of any depth compiles once. One block serves training, prefill and the sampler's decode
+step: the Attention module computes queries/keys/values and RoPE, then attends through the kind
+of cache it was given (`eva_jax.models.attention`: NoCache, DenseCache, SplitCache). The module
+returns the final hidden states; the heads (LM logits, reward score) are pure functions over the
+parameters in `eva_jax.models`, so training can feed hidden states straight into the fused
+log-prob kernel without ever forming [B, T, V].
 """
 from __future__ import annotations
-
-from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eva_jax.models.attention import split_layers
 from eva_jax.models.config import ModelConfig
 
 Array = jax.Array
-_NEG_INF = -0.7 * float(np.finfo(np.float32).max)
-
 _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -76,21 +71,22 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.config
-    # Gemma stores w and scales by (1 + w); the others store the scale itself.
-    init = nn.initializers.zeros if cfg.is_gemma else nn.initializers.ones
+    plus_one = cfg.norm_scale_plus_one
+    init = nn.initializers.zeros if plus_one else nn.initializers.ones
     scale = _param(self, "scale", init, (cfg.hidden_size,), ("norm",), cfg.jnp_param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
     w = scale.astype(jnp.float32)
-    return (y * (1.0 + w) if cfg.is_gemma else y * w).astype(cfg.jnp_dtype)
+    return (y * (1.0 + w) if plus_one else y * w).astype(cfg.jnp_dtype)
 
 
 class Attention(nn.Module):
+  """Self-attention through `cache` (a kind from eva_jax.models.attention, this layer's slice);
+  returns (output [B, T, D], what the cache kind hands back for this layer)."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, kv_positions_BxS, kv_valid_BxS, window,
-               cache: Optional[dict], write_index):
+  def __call__(self, x_BxTxD, positions_BxT, window, cache):
     cfg = self.config
     d, h, k, e = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
@@ -113,37 +109,13 @@ class Attention(nn.Module):
     inv_freq = rope_inv_freq(cfg)
     q_BxTxHxE = apply_rope(q_BxTxHxE, positions_BxT, inv_freq)
     k_BxTxKxE = apply_rope(k_BxTxKxE, positions_BxT, inv_freq)
-
-    new_cache = None
-    if cache is not None:
-      # Write the new keys/values into their slots; the caller owns slot positions/validity.
-      start = (0, write_index, 0, 0)
-      k_BxSxKxE = jax.lax.dynamic_update_slice(cache["k"], k_BxTxKxE.astype(cache["k"].dtype),
-                                               start)
-      v_BxSxKxE = jax.lax.dynamic_update_slice(cache["v"], v_BxTxKxE.astype(cache["v"].dtype),
-                                               start)
-      new_cache = {"k": k_BxSxKxE, "v": v_BxSxKxE}
-    else:
-      k_BxSxKxE, v_BxSxKxE = k_BxTxKxE, v_BxTxKxE
-
-    scale = (cfg.query_pre_attn_scalar or e) ** -0.5
-    b, t = q_BxTxHxE.shape[:2]
-    q_BxTxKxGxE = (q_BxTxHxE * scale).reshape(b, t, k, h // k, e)
-    logits_BxKxGxTxS = jnp.einsum("BTKGE,BSKE->BKGTS", q_BxTxKxGxE, k_BxSxKxE.astype(dt),
-                                  preferred_element_type=jnp.float32)
-    if cfg.attn_logit_softcap is not None:
-      cap = cfg.attn_logit_softcap
-      logits_BxKxGxTxS = cap * jnp.tanh(logits_BxKxGxTxS / cap)
-    q_pos = positions_BxT[:, None, None, :, None]
-    kv_pos = kv_positions_BxS[:, None, None, None, :]
-    mask = kv_valid_BxS[:, None, None, None, :] & (kv_pos <= q_pos)
-    mask &= (window <= 0) | (q_pos - kv_pos < window)
-    logits_BxKxGxTxS = jnp.where(mask, logits_BxKxGxTxS, _NEG_INF)
-    probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
-    out_BxTxKxGxE = jnp.einsum("BKGTS,BSKE->BTKGE", probs, v_BxSxKxE.astype(dt))
-    out_BxTxHxE = out_BxTxKxGxE.reshape(b, t, h, e)
+    out_BxTxHxE, layer_out = cache.attend(cfg, q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT,
+                                          window)
     out_BxTxD = jnp.einsum("BTHE,HED->BTD", out_BxTxHxE, wo.astype(dt))
-    return _constrain(out_BxTxD, ("act_batch", "act_len", "act_embed")), new_cache
+    return _constrain(out_BxTxD, ("act_batch", "act_len", "act_embed")), layer_out
+
+
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 class MLP(nn.Module):
@@ -159,8 +131,7 @@ class MLP(nn.Module):
     w_down = _param(self, "down", init, (f, d), ("mlp", "embed"), pdt)
     gate_BxTxF = jnp.einsum("BTD,DF->BTF", x_BxTxD, w_gate.astype(dt))
     up_BxTxF = jnp.einsum("BTD,DF->BTF", x_BxTxD, w_up.astype(dt))
-    # Gemma 2 is GeGLU with the tanh GELU; Llama and Qwen are SwiGLU.
-    act = jax.nn.gelu(gate_BxTxF, approximate=True) if cfg.is_gemma else jax.nn.silu(gate_BxTxF)
+    act = _ACTIVATIONS[cfg.mlp_activation](gate_BxTxF)
     hidden_BxTxF = _constrain(act * up_BxTxF, ("act_batch", "act_len", "act_mlp"))
     return jnp.einsum("BTF,FD->BTD", hidden_BxTxF, w_down.astype(dt))
 
@@ -170,40 +141,39 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, layer_in: dict, positions_BxT, kv_positions_BxS, kv_valid_BxS,
-               write_index):
+  def __call__(self, x_BxTxD, layer_in: dict, positions_BxT, shared_cache):
     cfg = self.config
-    attn_out, new_cache = Attention(cfg, name="attn")(
-        RMSNorm(cfg, name="input_norm")(x_BxTxD), positions_BxT, kv_positions_BxS,
-        kv_valid_BxS, layer_in["window"], layer_in.get("cache"), write_index)
-    if cfg.is_gemma:
+    cache = shared_cache._replace(**layer_in["cache"])
+    attn_out, layer_out = Attention(cfg, name="attn")(
+        RMSNorm(cfg, name="input_norm")(x_BxTxD), positions_BxT, layer_in["window"], cache)
+    if cfg.post_norms:
       attn_out = RMSNorm(cfg, name="post_attn_norm")(attn_out)
     x_BxTxD = x_BxTxD + attn_out
     mlp_out = MLP(cfg, name="mlp")(RMSNorm(cfg, name="pre_mlp_norm")(x_BxTxD))
-    if cfg.is_gemma:
+    if cfg.post_norms:
       mlp_out = RMSNorm(cfg, name="post_mlp_norm")(mlp_out)
     x_BxTxD = _constrain(x_BxTxD + mlp_out, ("act_batch", "act_len", "act_embed"))
-    return x_BxTxD, ({"cache": new_cache} if new_cache is not None else {})
+    return x_BxTxD, layer_out
 
 
 class Decoder(nn.Module):
-  """Embedding, scanned blocks and final norm; returns hidden states [B, T, D] and the cache.
+  """Embedding, scanned blocks and final norm.
 
-  It also owns the head parameters (`lm_head` when untied, `score` for reward models) so that
-  one init creates every weight; the heads are applied by `eva_jax.models.head_*`.
+  Returns (hidden states [B, T, D], what the cache kind hands back, stacked over layers). It also
+  owns the head parameters (`lm_head` when untied, `score` for reward models) so that one init
+  creates every weight; the heads are applied by the functions in `eva_jax.models`.
   """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT, positions_BxT, kv_positions_BxS, kv_valid_BxS,
-               cache: Optional[dict] = None, write_index: Any = None):
+  def __call__(self, tokens_BxT, positions_BxT, cache):
     cfg = self.config
     d, pdt, dt = cfg.hidden_size, cfg.jnp_param_dtype, cfg.jnp_dtype
     embedding = _param(self, "embedding", nn.initializers.normal(0.02), (cfg.vocab_size, d),
                        ("vocab", "embed"), pdt)
     x_BxTxD = jnp.take(embedding, tokens_BxT, axis=0).astype(dt)
-    if cfg.is_gemma:
-      # Gemma scales by sqrt(d) rounded to the compute dtype, as its reference code does.
+    if cfg.embed_scale:
+      # sqrt(d) rounded to the compute dtype, as Gemma's reference code does.
       x_BxTxD = x_BxTxD * jnp.asarray(d ** 0.5, dtype=dt)
     x_BxTxD = _constrain(x_BxTxD, ("act_batch", "act_len", "act_embed"))
 
@@ -212,13 +182,12 @@ class Decoder(nn.Module):
       block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
     layers = nn.scan(
         block, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast),
         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    layer_in = {"window": jnp.asarray(cfg.layer_windows, dtype=jnp.int32)}
-    if cache is not None:
-      layer_in["cache"] = cache
-    x_BxTxD, layer_out = layers(cfg, name="layers")(
-        x_BxTxD, layer_in, positions_BxT, kv_positions_BxS, kv_valid_BxS, write_index)
+    per_layer, shared_cache = split_layers(cache)
+    layer_in = {"window": jnp.asarray(cfg.layer_windows, dtype=jnp.int32), "cache": per_layer}
+    x_BxTxD, layer_out = layers(cfg, name="layers")(x_BxTxD, layer_in, positions_BxT,
+                                                    shared_cache)
     hidden_BxTxD = RMSNorm(cfg, name="final_norm")(x_BxTxD)
 
     if cfg.is_reward_model:
@@ -227,4 +196,4 @@ class Decoder(nn.Module):
     elif not cfg.tie_embeddings:
       _param(self, "lm_head", nn.initializers.normal(0.02), (d, cfg.vocab_size),
              ("embed", "vocab"), pdt)
-    return hidden_BxTxD, layer_out.get("cache")
+    return hidden_BxTxD, layer_out

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eva_jax import models, sampling, sampling_step
+from eva_jax import models, sampling
 from eva_jax.models import hf
 
 PROMPTS, SAMPLES, PROMPT_LEN, NEW_TOKENS = 8, 6, 64, 128
@@ -87,16 +87,17 @@ def _profile(config, params) -> dict:
   rows = PROMPTS * SAMPLES
   prompt_cache = jax.tree.map(lambda c: jnp.swapaxes(c, 2, 3),
                               models.init_cache(config, PROMPTS, PROMPT_LEN))
-  gen_cache = sampling_step.init_generated_cache(config, rows, NEW_TOKENS - 1, jnp.float32)
+  gen_cache = models.init_generated_cache(config, rows, NEW_TOKENS - 1, jnp.float32)
   prompt_pos = jnp.tile(jnp.arange(PROMPT_LEN), (PROMPTS, 1))
   tokens = jnp.ones((rows,), jnp.int32)
   half = NEW_TOKENS // 2
 
   @jax.jit
   def step(params, prompt_cache, gen_cache):
-    hidden, new_kv = sampling_step.decode_step(
-        config, params, tokens, tokens * (PROMPT_LEN + half), prompt_cache, prompt_pos,
-        prompt_pos >= 0, gen_cache, half)
+    split = models.SplitCache(prompt_cache["k"], prompt_cache["v"], gen_cache["k"],
+                              gen_cache["v"], prompt_pos, prompt_pos >= 0, half)
+    hidden, new_kv = models.sample_step(config, params, tokens, tokens * (PROMPT_LEN + half),
+                                        split)
     return models.logits_from_hidden(config, params, hidden), new_kv
 
   keys = jax.random.split(jax.random.key(0), rows)

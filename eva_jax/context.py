@@ -1,0 +1,145 @@
+"""A run's context: everything set up once before the loop, and θ_t restored from checkpoints.
+
+    init_distributed()                      before any other JAX use (main.py)
+    ctx = setup(config, workdir, source, mesh)
+    policy_t = ctx.policy_at(t)             the `stages.Policy` of checkpoint t
+
+Setup: the tokenizer (sentencepiece trained on the fly, or an HF folder), the policy's model
+config and initial params, the scorer and the evolver (by name, from `reward.SCORERS` and
+`creator.EVOLVERS`), metrics and checkpoints. The prompt source and the mesh are made by the
+caller first, because they refuse bad input before anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from eva_jax import creator, fileio, models, reward, sharding, stages, synthetic, train_state
+from eva_jax import workdir as wd
+from eva_jax.models import hf
+from eva_jax.models import tokenizer as tokenizer_lib
+from eva_jax import lm_evolver  # noqa: F401  (registers the "lm" evolver)
+
+TOKENIZER_KINDS = ("sentencepiece", "hf")  # Trained on the fly, or a local HF folder.
+MODEL_SOURCES = ("tiny", "hf")  # Random init with the config's sizes, or a local HF folder.
+
+
+def init_distributed() -> None:
+  """Joins a multi-process run before any other JAX use.
+
+  On a TPU pod slice (EVA_DISTRIBUTED=1, or several TPU_WORKER_HOSTNAMES)
+  `jax.distributed.initialize()` finds its peers itself. For CPU processes on one machine (the
+  tests' stand-in for a pod), set EVA_COORDINATOR=host:port, EVA_NUM_PROCESSES and
+  EVA_PROCESS_ID.
+  """
+  if os.environ.get("EVA_COORDINATOR"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=os.environ["EVA_COORDINATOR"],
+                               num_processes=int(os.environ["EVA_NUM_PROCESSES"]),
+                               process_id=int(os.environ["EVA_PROCESS_ID"]))
+  elif os.environ.get("EVA_DISTRIBUTED") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","):
+    jax.distributed.initialize()
+
+
+def make_mesh(mesh_cfg) -> jax.sharding.Mesh:
+  return sharding.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+
+
+def mesh_shape(mesh) -> dict[str, int]:
+  """The resolved mesh, e.g. {"data": 8, "fsdp": 1, "tensor": 1} for mesh.data = -1."""
+  return {name: int(size) for name, size in mesh.shape.items()}
+
+
+@dataclasses.dataclass
+class Context:
+  """The set-up run. `policy` holds the initial params until the warm-start checkpoint exists."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  policy: stages.Policy
+  source: Any
+  scorer: reward.Scorer
+  metrics: wd.Metrics
+  checkpoints: wd.Checkpoints
+
+  def path(self, iteration: int, name: str) -> str:
+    return fileio.join(self.workdir, f"iter_{iteration:03d}", name)
+
+  def policy_at(self, step: int) -> stages.Policy:
+    """The policy of checkpoint `step` (0: after the warm-start, t + 1: after iteration t)."""
+    c, policy = self.config, self.policy
+    # Only the optimizer's kind shapes its state: the warm-start's is AdamW.
+    opt_cfg = (stages.sft_optimizer_config(c.train, c.sft, 1) if step == 0
+               else stages.optimizer_config(c.train, 1))
+    optimizer = train_state.make_optimizer(opt_cfg)
+    shardings = train_state.state_shardings(policy.model_config, optimizer, policy.mesh)
+
+    def init():
+      params = models.init_params(policy.model_config, jax.random.key(0))
+      return train_state.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                                    opt_state=optimizer.init(params))
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            jax.eval_shape(init), shardings)
+    return policy.with_params(self.checkpoints.restore(step, abstract).params)
+
+  def evolver(self, policy: stages.Policy) -> creator.Evolver:
+    return creator.EVOLVERS.get(self.config.creator.evolver)(
+        self.config.creator, source=self.source, policy=policy)
+
+  def close(self) -> None:
+    self.checkpoints.close()
+    self.metrics.close()
+
+
+def _tokenizer_corpus(seed: int) -> list[str]:
+  texts = [t for p, a in synthetic.sft_examples(2000, seed, max_level=synthetic.MAX_LEVEL)
+           for t in (p, a)]
+  return texts + [p for p, _, _ in synthetic.heldout_set(seed, 4)]
+
+
+def _tokenizer(c, workdir: str):
+  if c.tokenizer.kind == "hf":
+    return tokenizer_lib.load_tokenizer(c.tokenizer.path)
+
+  def train():
+    return tokenizer_lib.train_sentencepiece(
+        _tokenizer_corpus(c.seed), fileio.join(workdir, "cache"),
+        vocab_size=c.tokenizer.vocab_size, name="tokenizer")
+  if jax.process_count() == 1:
+    return train()
+  # Process 0 trains and caches it; the others then load the cached folder.
+  from jax.experimental import multihost_utils
+  tok = train() if wd.is_writer() else None
+  multihost_utils.sync_global_devices("eva_tokenizer")
+  return tok or train()
+
+
+def _policy(c, tok, mesh) -> stages.Policy:
+  if c.model.source == "hf":
+    config, params = hf.load(c.model.path, dtype=c.model.param_dtype, compute_dtype=c.model.dtype,
+                             shardings=sharding.param_shardings_for(mesh))
+    return stages.Policy(config.replace(remat=c.model.remat), params, tok, mesh)
+  m = c.model
+  config = models.tiny(
+      m.family, vocab_size=tok.vocab_size, hidden_size=m.hidden_size,
+      intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
+      num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, pad_token_id=tok.pad_id,
+      bos_token_id=tok.bos_id, eos_token_ids=tuple(tok.eos_ids), param_dtype=m.param_dtype,
+      dtype=m.dtype, remat=m.remat, max_position_embeddings=1024)
+  params = jax.jit(lambda k: models.init_params(config, k),
+                   out_shardings=sharding.param_shardings(config, mesh))(
+                       stages.stage_key(c.seed, -1, "init"))
+  return stages.Policy(config, params, tok, mesh)
+
+
+def setup(c: ml_collections.ConfigDict, workdir: str, source, mesh) -> Context:
+  """Tokenizer, policy, scorer, metrics and checkpoints of the run in `workdir`."""
+  policy = _policy(c, _tokenizer(c, workdir), mesh)
+  scorer = reward.SCORERS.get(c.reward.kind)(c.reward, source=source, dtype=c.model.dtype,
+                                             mesh=mesh)
+  return Context(c, workdir, policy, source, scorer, wd.Metrics(workdir),
+                 wd.Checkpoints(workdir, keep=max(2, c.checkpoint.keep),
+                                use_async=c.checkpoint.use_async))
