@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -104,17 +105,49 @@ def _tokenizer(c, workdir: str):
   if c.tokenizer.kind == "hf":
     return tokenizer_lib.load_tokenizer(c.tokenizer.path)
 
-  def train():
-    return tokenizer_lib.train_sentencepiece(
-        _tokenizer_corpus(c.seed), fileio.join(workdir, "cache"),
-        vocab_size=c.tokenizer.vocab_size, name="tokenizer")
+  def load_or_train():
+    corpus = _tokenizer_corpus(c.seed)
+    if fileio.is_local(workdir):
+      return tokenizer_lib.train_sentencepiece(corpus, fileio.join(workdir, "cache"),
+                                               vocab_size=c.tokenizer.vocab_size,
+                                               name="tokenizer")
+    return _remote_tokenizer(corpus, fileio.join(workdir, "cache", "tokenizer"),
+                             c.tokenizer.vocab_size)
   if jax.process_count() == 1:
-    return train()
+    return load_or_train()
   # Process 0 trains and caches it; the others then load the cached folder.
   from jax.experimental import multihost_utils
-  tok = train() if wd.is_writer() else None
+  tok = load_or_train() if wd.is_writer() else None
   multihost_utils.sync_global_devices("eva_tokenizer")
-  return tok or train()
+  return tok or load_or_train()
+
+
+def _remote_tokenizer(corpus: list[str], remote: str, vocab_size: int):
+  """The tokenizer cached at `remote` (an object-store folder), trained and uploaded when it is
+  missing or was trained on other settings or texts. sentencepiece and transformers write with
+  plain `os`, so the folder is downloaded (or trained) into a local temp folder, which goes once
+  the tokenizer is loaded into memory."""
+  # train_sentencepiece keys its folder by this hash file. It is uploaded last: a folder whose
+  # upload was killed half-way has none, and is trained and uploaded again.
+  hash_name = tokenizer_lib.HASH_FILE
+  with tempfile.TemporaryDirectory(prefix="eva_tokenizer.") as local:
+    folder = os.path.join(local, "tokenizer")
+    os.makedirs(folder)
+    remote_names = fileio.listdir(remote)
+    if hash_name in remote_names:
+      for name in remote_names:
+        with open(os.path.join(folder, name), "wb") as f:
+          f.write(fileio.read_bytes(fileio.join(remote, name)))
+    tok = tokenizer_lib.train_sentencepiece(corpus, local, vocab_size=vocab_size,
+                                            name="tokenizer")
+    with open(os.path.join(folder, hash_name), "rb") as f:
+      trained = f.read()
+    cached = hash_name in remote_names and fileio.read_bytes(fileio.join(remote, hash_name))
+    if wd.is_writer() and cached != trained:
+      for name in sorted(os.listdir(folder), key=lambda name: name == hash_name):
+        with open(os.path.join(folder, name), "rb") as f:
+          fileio.atomic_write(fileio.join(remote, name), f.read())
+  return tok
 
 
 def _policy(c, tok, mesh) -> stages.Policy:

@@ -376,7 +376,7 @@ def _chains(candidates: Sequence[Candidate], selected: set[str]) -> list[list[Ca
 
 def evolve_round(buffer: PromptBuffer, selected_ids: Sequence[str], evolver: Evolver, *,
                  rng: Any, iteration: int, tokenizer_len_fn: Callable[[str], int],
-                 **filter_kwargs) -> list[PromptRecord]:
+                 rejections: Optional[dict] = None, **filter_kwargs) -> list[PromptRecord]:
   """Evolves the selected prompts, filters the rewrites and adds the survivors to `buffer`.
 
   Each candidate is filtered against the text it was rewritten from (the previous step of its
@@ -388,6 +388,8 @@ def evolve_round(buffer: PromptBuffer, selected_ids: Sequence[str], evolver: Evo
     selected_ids: ids of the prompts to evolve.
     evolver: an `Evolver`; `rng` and `iteration` are passed to it unchanged.
     tokenizer_len_fn, **filter_kwargs: forwarded to `eva_jax.filters.filter_candidates`.
+    rejections: a dict that receives {reason: count} of the rejected candidates (the reasons
+      the filters gave), for the run's report; None: not returned.
 
   Returns:
     The added records; empty, with a warning, when nothing survived (the iteration then trains
@@ -424,6 +426,8 @@ def evolve_round(buffer: PromptBuffer, selected_ids: Sequence[str], evolver: Evo
       added.append(record)
       parent_id = record.id
   reasons = dict(collections.Counter(reason for _, reason in rejected))
+  if rejections is not None:
+    rejections.update(reasons)
   if not added:
     log.warning("iteration %d: none of %d evolved prompts survived the filters (%s); training "
                 "on the base prompts", iteration, len(flat), reasons)

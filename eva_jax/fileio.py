@@ -12,14 +12,18 @@ name.
 - object stores (`gs://`): one upload; the object appears only once it is complete (GCS
   uploads are atomic), so no temp name is needed, and a rename would be a copy anyway.
 On a failed write (disk full, permission) the temp file is removed and the previous file under
-the name is untouched.
+the name is untouched. The fault tests make such a failure on purpose: EVA_TEST_FAIL_WRITE_AT=
+name[:n] fails the n-th (default 1st) write of a file called `name` with ENOSPC, half-way
+through its bytes.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import shutil
+import signal
 from typing import BinaryIO, Iterator, Union
 
 from etils import epath
@@ -99,6 +103,31 @@ def _fsync_dir(folder: str) -> None:
     os.close(fd)
 
 
+_FAULT_COUNTS: dict[tuple[str, str], int] = {}
+
+
+def _fault_due(variable: str, name: str) -> bool:
+  """True the n-th time (default 1st) point `name` is passed while variable=name[:n] is set."""
+  spec = os.environ.get(variable)
+  if not spec or spec.partition(":")[0] != name:
+    return False
+  _FAULT_COUNTS[variable, name] = _FAULT_COUNTS.get((variable, name), 0) + 1
+  return _FAULT_COUNTS[variable, name] == int(spec.partition(":")[2] or 1)
+
+
+def kill_point(name: str) -> None:
+  """Fault injection for the resume tests: EVA_TEST_KILL_AT=name[:n] SIGKILLs this process the
+  n-th time (default 1st) it passes the point `name`. A no-op unless that variable is set.
+  Every atomic write passes "<file name>.write" before its first byte and "<file name>.written"
+  once the file is in place."""
+  if _fault_due("EVA_TEST_KILL_AT", name):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _disk_full(final: str) -> OSError:
+  return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), final)
+
+
 @contextlib.contextmanager
 def atomic_writer(p: PathLike) -> Iterator[BinaryIO]:
   """A binary file whose bytes appear under `p` all at once when the block exits cleanly, and
@@ -106,17 +135,26 @@ def atomic_writer(p: PathLike) -> Iterator[BinaryIO]:
   temp name (a large safetensors shard needs no second copy in memory); object-store files are
   held in memory and uploaded once at the end."""
   target = path(p)
+  final = os.fspath(target)
+  name = os.path.basename(final)
+  kill_point(f"{name}.write")
+  fail = _fault_due("EVA_TEST_FAIL_WRITE_AT", name)
   if not is_local(target):
     buf = io.BytesIO()
     yield buf
+    if fail:
+      raise _disk_full(final)
     target.write_bytes(buf.getvalue())
+    kill_point(f"{name}.written")
     return
   makedirs(target.parent)
-  final = os.fspath(target)
   tmp = f"{final}.tmp{os.getpid()}"
   try:
     with open(tmp, "wb") as f:
       yield f
+      if fail:  # As a full disk would: half the bytes are in the temp file when it fails.
+        f.truncate(f.tell() // 2)
+        raise _disk_full(final)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, final)
@@ -125,6 +163,7 @@ def atomic_writer(p: PathLike) -> Iterator[BinaryIO]:
       os.remove(tmp)
     raise
   _fsync_dir(os.path.dirname(final) or ".")
+  kill_point(f"{name}.written")
 
 
 def atomic_write(p: PathLike, data: Union[bytes, str]) -> None:

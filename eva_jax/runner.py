@@ -9,6 +9,11 @@ restart an artifact that exists is loaded instead of recomputed, and training re
 Orbax checkpoint of θ_t) and reports. Every draw derives from (seed, iteration, stage), so a run
 killed anywhere and restarted ends with the same params as an uninterrupted one.
 
+Faults: a corrupt (zero-byte, truncated) stage artifact is recomputed with a warning naming it,
+identically; what cannot be recomputed (a committed checkpoint, the prompt buffer an iteration
+hands on once its checkpoint is pruned) stops the run with one CorruptArtifact naming it; a
+failed write (disk full) stops the run and leaves the earlier artifacts as they were.
+
 Multi-host: every process runs every stage on the same (small, host-side) text data and so makes
 the same global decisions; device work is sharded over the global mesh; only process 0 writes.
 """
@@ -17,30 +22,62 @@ from __future__ import annotations
 import json
 from typing import Optional
 
+from absl import logging
 import ml_collections
 import numpy as np
 
-from eva_jax import config_check, context, creator, export, fileio, report, sources, stages
+from eva_jax import config_check, console, context, creator, export, fileio, report, sources
+from eva_jax import stages
 from eva_jax import workdir as wd
 from eva_jax.buffer import PromptBuffer
 
 _RUN_FILES = ("metrics.jsonl", "report.md", "config.json", config_check.RUN_INFO)
 
 
-def _cached_json(path: str, compute):
-  if fileio.exists(path):
-    return wd.read_json(path)
-  value = compute()
-  wd.write_json(path, value)
+def _read_cached(path: str, read):
+  """The artifact under `path`, or None when it is missing or corrupt (zero bytes, truncated):
+  stage artifacts are a cache of deterministic stages, so a corrupt one is recomputed, with a
+  warning naming it, and rewritten with the same bytes."""
+  if not fileio.exists(path):
+    return None
+  try:
+    return read(path)
+  except wd.CorruptArtifact as e:
+    logging.warning("%s; recomputing it", e)
+    return None
+
+
+def _cached(path: str, read, write, compute):
+  value = _read_cached(path, read)
+  if value is not None:
+    return value
+  try:
+    value = compute()
+  except wd.CorruptArtifact as e:
+    if fileio.exists(path):  # The recompute needed something that is gone: name what failed.
+      raise wd.CorruptArtifact(path, f"unreadable, and recomputing it failed: {e}") from e
+    raise
+  write(path, value)
   return value
+
+
+def _cached_json(path: str, compute):
+  return _cached(path, wd.read_json, wd.write_json, compute)
 
 
 def _cached_npz(path: str, compute) -> dict:
-  if fileio.exists(path):
-    return wd.read_npz(path)
-  value = compute()
-  wd.write_npz(path, **value)
-  return value
+  return _cached(path, wd.read_npz, lambda p, v: wd.write_npz(p, **v), compute)
+
+
+def _load_buffer(path: str) -> PromptBuffer:
+  """The prompt buffer an iteration hands on. It cannot be recomputed once its iteration's
+  checkpoint is pruned, so an unreadable one stops the run with one error naming it."""
+  try:
+    if not fileio.read_bytes(path):
+      raise ValueError("empty file (0 bytes)")
+    return PromptBuffer.load(path)
+  except ValueError as e:
+    raise wd.CorruptArtifact(path, str(e)) from None
 
 
 def _generate_scored(ctx, policy, t: int, name: str, prompts: list[str]) -> tuple:
@@ -51,35 +88,46 @@ def _generate_scored(ctx, policy, t: int, name: str, prompts: list[str]) -> tupl
 
   def compute():
     gen = stages.generate(policy, prompts, key=stages.stage_key(c.seed, t, name),
-                          sampling_cfg=c.sampling)
+                          sampling_cfg=c.sampling, progress=console.bar, desc=name)
     gen["texts_json"] = np.asarray(json.dumps(gen.pop("texts")))
     return gen
-  gen = dict(_cached_npz(ctx.path(t, f"{name}.npz"), compute))
+  with console.Stage(ctx.metrics, name, t) as st:
+    gen = dict(_cached_npz(ctx.path(t, f"{name}.npz"), st.compute(compute)))
+    st.note(prompts=len(prompts), samples=int(np.size(gen["finished"])),
+            finished=float(np.mean(gen["finished"])))
   gen["texts"] = json.loads(str(gen.pop("texts_json")))
-  scores = _cached_npz(ctx.path(t, f"{name}_scores.npz"),
-                       lambda: {"rewards": stages.score(ctx.scorer, prompts, gen)})
-  ctx.metrics.log("stage", t, stage=name, prompts=len(prompts),
-                  mean_reward=float(np.mean(scores["rewards"])),
-                  finished=float(np.mean(gen["finished"])))
+  scored = name.replace("generate", "score")
+  with console.Stage(ctx.metrics, scored, t) as st:
+    scores = _cached_npz(ctx.path(t, f"{name}_scores.npz"), st.compute(lambda: {
+        "rewards": stages.score(ctx.scorer, prompts, gen, progress=console.bar, desc=scored)}))
+    st.note(mean_reward=float(np.mean(scores["rewards"])))
   return gen, scores["rewards"]
 
 
 def _warm_start(ctx) -> None:
   c = ctx.config
-  if ctx.checkpoints.has(0):
-    return
-  examples = ctx.source.sft_examples(c.sft.num_examples, c.sft.max_level)
-  steps = c.sft.steps if examples else 0  # A source without SFT data keeps the loaded weights.
-  state = stages.sft_warm_start(
-      ctx.policy, examples, steps, stages.stage_rng(c.seed, -1, "sft"),
-      lambda i, m: ctx.metrics.log("sft", i, **m) if i % 20 == 0 or i == steps - 1 else None,
-      sft_cfg=c.sft, train_cfg=c.train)
-  ctx.checkpoints.save(0, state)
+  with console.Stage(ctx.metrics, "sft", -1) as st:
+    if ctx.checkpoints.latest() is not None:  # θ_0, or a later θ_t once keep-N dropped θ_0.
+      return
+    st.computed = True
+    examples = ctx.source.sft_examples(c.sft.num_examples, c.sft.max_level)
+    steps = c.sft.steps if examples else 0  # A source without SFT data keeps the loaded weights.
+    last = {}
+
+    def log_step(i, m):
+      last.update(m)
+      if i % 20 == 0 or i == steps - 1:
+        ctx.metrics.log("sft", i, **m)
+    state = stages.sft_warm_start(
+        ctx.policy, examples, steps, stages.stage_rng(c.seed, -1, "sft"), log_step,
+        sft_cfg=c.sft, train_cfg=c.train, progress=console.bar)
+    ctx.checkpoints.save(0, state)
+    st.note(steps=steps, examples=len(examples), **{k: last[k] for k in ("loss",) if k in last})
 
 
 def _create(ctx, policy, t: int, prompts: list[dict], rewards, info) -> dict:
   c, prev = ctx.config, ctx.path(t - 1, "buffer.jsonl")
-  buffer = PromptBuffer.load(prev) if t > 0 and fileio.exists(prev) else PromptBuffer()
+  buffer = _load_buffer(prev) if t > 0 and fileio.exists(prev) else PromptBuffer()
   buffer, created = stages.create(
       buffer, [p["text"] for p in prompts], rewards, info, iteration=t, creator_cfg=c.creator,
       evolver=ctx.evolver(policy), rng=stages.stage_rng(c.seed, t, "create"),
@@ -94,8 +142,12 @@ def _iteration(ctx, t: int, baseline: Optional[dict]) -> dict:
   c, done_path = ctx.config, ctx.path(t, "evaluate.json")
   latest = ctx.checkpoints.latest()
   # Finished: evaluated, and θ_{t+1} (or a later checkpoint: keep-N drops old ones) is saved.
-  if fileio.exists(done_path) and latest is not None and latest >= t + 1:
-    return wd.read_json(done_path)
+  if latest is not None and latest >= t + 1:
+    done = _read_cached(done_path, wd.read_json)
+    if done is not None:
+      console.say(console.stage_line("all stages", t, None,
+                                     {"heldout_reward": done["heldout_reward"]}))
+      return done
   policy = ctx.policy_at(t)
   prompts = _cached_json(ctx.path(t, "prompts.json"), lambda: [
       {"text": p.text, "id": p.id} for p in ctx.source.base_prompts(t)])
@@ -105,37 +157,55 @@ def _iteration(ctx, t: int, baseline: Optional[dict]) -> dict:
   base_pairs = stages.best_worst_pairs(texts, gen, rewards, "base", min_chosen_reward=floor)
   evolved_pairs, info = [], creator.informativeness(rewards, c.creator.metric)
   if c.creator.enabled:
-    created = _cached_json(ctx.path(t, "create.json"),
-                           lambda: _create(ctx, policy, t, prompts, rewards, info))
+    with console.Stage(ctx.metrics, "create", t) as st:
+      created = _cached_json(ctx.path(t, "create.json"),
+                             st.compute(lambda: _create(ctx, policy, t, prompts, rewards, info)))
+      rejected = created.get("rejected", {})
+      st.note(selected=len(created["selected"]), evolved=len(created["evolved"]),
+              rejected=sum(rejected.values()), **({"by_reason": rejected} if rejected else {}))
     gen_e, rewards_e = _generate_scored(ctx, policy, t, "generate_evolved", created["evolved"])
     if created["evolved"]:
       evolved_pairs = stages.best_worst_pairs(created["evolved"], gen_e, rewards_e, "evolved",
                                               min_chosen_reward=floor)
-  pairs = _cached_json(ctx.path(t, "pairs.json"), lambda: stages.mix(
-      base_pairs, evolved_pairs, stages.stage_rng(c.seed, t, "pairs"), creator_cfg=c.creator,
-      num_pairs=c.train.num_pairs))
-  ref = _cached_npz(ctx.path(t, "reference.npz"),
-                    lambda: stages.reference(policy, pairs, train_cfg=c.train))
-  ctx.metrics.log("stage", t, stage="pairs", pairs=len(pairs),
-                  base=sum(p["source"] == "base" for p in pairs), evolved=len(evolved_pairs),
-                  mean_informativeness=float(np.mean(info)))
-  if not ctx.checkpoints.has(t + 1):
-    state = stages.train_iteration(
-        policy, pairs, ref, stages.stage_rng(c.seed, t, "train"),
-        lambda s, e, m: ctx.metrics.log("train", t * 100_000 + s, iteration=t, epoch=e, **m),
-        train_cfg=c.train)
-    ctx.checkpoints.save(t + 1, state)
+  with console.Stage(ctx.metrics, "pairs", t) as st:
+    pairs = _cached_json(ctx.path(t, "pairs.json"), st.compute(lambda: stages.mix(
+        base_pairs, evolved_pairs, stages.stage_rng(c.seed, t, "pairs"), creator_cfg=c.creator,
+        num_pairs=c.train.num_pairs)))
+    st.note(pairs=len(pairs), base=sum(p["source"] == "base" for p in pairs),
+            evolved=sum(p["source"] == "evolved" for p in pairs),
+            evolved_available=len(evolved_pairs), mean_informativeness=float(np.mean(info)))
+  with console.Stage(ctx.metrics, "reference", t) as st:
+    ref = _cached_npz(ctx.path(t, "reference.npz"), st.compute(
+        lambda: stages.reference(policy, pairs, train_cfg=c.train, progress=console.bar)))
+    st.note(pairs=len(pairs))
+  with console.Stage(ctx.metrics, "train", t) as st:
+    if not ctx.checkpoints.has(t + 1):
+      st.computed = True
+      last = {}
+
+      def log_step(s, e, m):
+        last.update(m)
+        ctx.metrics.log("train", t * 100_000 + s, iteration=t, epoch=e, **m)
+      state = stages.train_iteration(policy, pairs, ref, stages.stage_rng(c.seed, t, "train"),
+                                     log_step, train_cfg=c.train, progress=console.bar)
+      ctx.checkpoints.save(t + 1, state)
+      st.note(steps=int(state.step), **{k: last[k] for k in ("loss",) if k in last})
 
   def evaluate():
     out = _evaluate(ctx, ctx.policy_at(t + 1), t)
     out["win_rate"] = export.win_rate(out["rewards"], baseline["rewards"]) if baseline else None
     out.update(iteration=t + 1, sample_rewards=np.asarray(rewards).ravel().tolist(),
                informativeness=np.asarray(info).tolist())
+    # Logged before evaluate.json is written, which marks the iteration done: a kill between
+    # the two logs the row again on restart instead of losing it.
+    ctx.metrics.log("eval", t + 1, heldout_reward=out["heldout_reward"],
+                    win_rate=out["win_rate"] if out["win_rate"] is not None else float("nan"),
+                    **{f"level_{k}": v for k, v in out["heldout_by_level"].items()})
     return out
-  result = _cached_json(done_path, evaluate)
-  ctx.metrics.log("eval", t + 1, heldout_reward=result["heldout_reward"],
-                  win_rate=result["win_rate"] if result["win_rate"] is not None else float("nan"),
-                  **{f"level_{k}": v for k, v in result["heldout_by_level"].items()})
+  with console.Stage(ctx.metrics, "evaluate", t) as st:
+    result = _cached_json(done_path, st.compute(evaluate))
+    st.note(heldout_reward=result["heldout_reward"],
+            **({"win_rate": result["win_rate"]} if result["win_rate"] is not None else {}))
   return result
 
 
@@ -143,7 +213,7 @@ def _evaluate(ctx, policy, t: int) -> dict:
   c = ctx.config
   return stages.evaluate(policy, ctx.scorer, ctx.source.heldout(),
                          key=stages.stage_key(c.seed, t, "evaluate"), sampling_cfg=c.sampling,
-                         eval_cfg=c.eval)
+                         eval_cfg=c.eval, progress=console.bar)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -164,8 +234,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     _warm_start(ctx)
     ctx.policy = ctx.policy.with_params(None)  # θ_t comes from the checkpoints from here on.
-    base = _cached_json(ctx.path(0, "evaluate_warmstart.json"),
-                        lambda: _evaluate(ctx, ctx.policy_at(0), -1))
+    with console.Stage(ctx.metrics, "evaluate", -1) as st:
+      base = _cached_json(ctx.path(0, "evaluate_warmstart.json"),
+                          st.compute(lambda: _evaluate(ctx, ctx.policy_at(0), -1)))
+      st.note(heldout_reward=base["heldout_reward"])
     ctx.metrics.log("eval", 0, heldout_reward=base["heldout_reward"],
                     **{f"level_{k}": v for k, v in base["heldout_by_level"].items()})
     summaries = [dict(base, iteration=0)]
@@ -178,13 +250,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _report(ctx, summaries: list[dict]) -> None:
+  ctx.metrics.flush()  # The report reads the stage times from metrics.jsonl.
   last = ctx.path(len(summaries) - 2, "buffer.jsonl")
-  lineage = PromptBuffer.load(last).lineage_counts() if fileio.exists(last) else {}
+  lineage = _load_buffer(last).lineage_counts() if fileio.exists(last) else {}
   report.write_report(ctx.workdir, [
       {"iteration": s["iteration"], "rewards": s.get("sample_rewards", []),
        "informativeness": s.get("informativeness", []), "heldout_reward": s["heldout_reward"],
        "heldout_by_level": s["heldout_by_level"], "win_rate": s.get("win_rate")}
-      for s in summaries], lineage)
+      for s in summaries], lineage, decode=ctx.policy.tokenizer.decode)
 
 
 def _clear(workdir: str) -> None:

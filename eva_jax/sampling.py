@@ -37,7 +37,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -453,12 +453,14 @@ def sample(config: ModelConfig, params: dict, prompts, prompt_mask, *, rng: jax.
 
 def sample_batched(config: ModelConfig, params: dict, prompt_ids: Sequence[Sequence[int]], *,
                    rng: jax.Array, batch_size: int, num_samples: int, max_new_tokens: int,
-                   pad_id: int, **kwargs) -> SampleOutput:
+                   pad_id: int, on_chunk: Optional[Callable[[int], None]] = None,
+                   **kwargs) -> SampleOutput:
   """`sample` over a list of token-id prompts in chunks of `batch_size`, gathered on the host.
 
   The one loop every text-level caller (the generate stage, the LM evolver, the judge) uses.
   Chunk starting at prompt `start` samples with `fold_in(rng, start)`. Returns a SampleOutput of
   NumPy arrays ([P, N, T] tokens, ...) in prompt order. Other keyword arguments go to `sample`.
+  on_chunk(number of prompts) is called after each chunk (a progress bar's `update`).
   """
   if not len(prompt_ids):
     raise ValueError("sample_batched: no prompts")
@@ -475,6 +477,8 @@ def sample_batched(config: ModelConfig, params: dict, prompt_ids: Sequence[Seque
     out = sample(config, params, tokens_BxP, mask_BxP, rng=jax.random.fold_in(rng, start),
                  num_samples=num_samples, max_new_tokens=max_new_tokens, **kwargs)
     parts.append(SampleOutput(*(sharding.to_host(x) for x in out)))
+    if on_chunk is not None:
+      on_chunk(len(chunk))
   return SampleOutput(*(np.concatenate(xs) for xs in zip(*parts)))
 
 

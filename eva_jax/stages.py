@@ -8,6 +8,10 @@ workdir, and an online loop can call generate / score / create / train as plain 
 Config sections: `sampling_cfg` (num_samples, temperature, top_p, top_k, max_new_tokens,
 max_prompt_length, batch_size), `creator_cfg`, `train_cfg`, `sft_cfg`, `eval_cfg` are the
 config's sections of those names (any object with those attributes).
+
+Progress: the long stages take `progress(desc, total, unit) -> bar`, a bar factory (tqdm's
+signature; the bar has `update(n)`, `set_postfix(**values)` and is a context manager). The
+default draws nothing; the runner passes `eva_jax.console.bar`.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from eva_jax import creator, logprobs, sampling, sharding, train, train_state
+from eva_jax import creator, logprobs, reward, sampling, sharding, train, train_state
 from eva_jax import workdir as wd
 from eva_jax.buffer import PromptBuffer
 
@@ -27,6 +31,31 @@ from eva_jax.buffer import PromptBuffer
 STAGE_IDS = {"tokenizer": 1, "init": 2, "sft": 3, "prompts": 4, "generate": 5, "score": 6,
              "create": 7, "generate_evolved": 8, "pairs": 9, "reference": 10, "train": 11,
              "evaluate": 12}
+
+
+# Prompts per scorer call: the score stage's progress steps (a reward model batches within each).
+SCORE_CHUNK = 256
+
+
+class _NoBar:
+  """The silent progress bar."""
+
+  def update(self, n: int = 1) -> None:
+    del n
+
+  def set_postfix(self, **values) -> None:
+    del values
+
+  def __enter__(self) -> "_NoBar":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    del exc
+
+
+def no_progress(desc: str, total: int, unit: str = "it") -> _NoBar:
+  del desc, total, unit
+  return _NoBar()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,19 +89,21 @@ def prompt_ids(tokenizer, prompts: Sequence[str], max_prompt_length: int) -> lis
 # generate, score, create
 
 
-def generate(policy: Policy, prompts: Sequence[str], *, key, sampling_cfg) -> dict:
+def generate(policy: Policy, prompts: Sequence[str], *, key, sampling_cfg,
+             progress=no_progress, desc: str = "generate") -> dict:
   """N responses per prompt -> {tokens [P, N, T], lengths [P, N], finished [P, N], texts}.
 
   Chunks of sampling_cfg.batch_size prompts (they bound the KV cache and the compiles); the
   chunk at prompt `start` samples with fold_in(key, start).
   """
   s, tok = sampling_cfg, policy.tokenizer
-  out = sampling.sample_batched(
-      policy.model_config, policy.params, prompt_ids(tok, prompts, s.max_prompt_length),
-      rng=key, batch_size=s.batch_size, num_samples=s.num_samples,
-      max_new_tokens=s.max_new_tokens, pad_id=tok.pad_id, temperature=s.temperature,
-      top_p=s.top_p, top_k=s.top_k, eos_ids=tok.eos_ids, greedy=s.temperature == 0,
-      mesh=policy.mesh)
+  with progress(desc, len(prompts), "prompt") as bar:
+    out = sampling.sample_batched(
+        policy.model_config, policy.params, prompt_ids(tok, prompts, s.max_prompt_length),
+        rng=key, batch_size=s.batch_size, num_samples=s.num_samples,
+        max_new_tokens=s.max_new_tokens, pad_id=tok.pad_id, temperature=s.temperature,
+        top_p=s.top_p, top_k=s.top_k, eos_ids=tok.eos_ids, greedy=s.temperature == 0,
+        mesh=policy.mesh, on_chunk=bar.update)
   wd.kill_point("sampling")
   texts = [[tok.decode(out.tokens[p, n, :out.lengths[p, n]]) for n in range(s.num_samples)]
            for p in range(len(prompts))]
@@ -80,9 +111,26 @@ def generate(policy: Policy, prompts: Sequence[str], *, key, sampling_cfg) -> di
           "texts": texts}
 
 
-def score(scorer, prompts: Sequence[str], gen: dict) -> np.ndarray:
-  """Rewards [P, N] of the generated responses."""
-  return scorer.score_grouped(list(prompts), gen["texts"], truncated=~gen["finished"])
+def score(scorer, prompts: Sequence[str], gen: dict, *, progress=no_progress,
+          desc: str = "score") -> np.ndarray:
+  """Rewards [P, N] of the generated responses, SCORE_CHUNK prompts per scorer call."""
+  truncated_PxN = ~np.asarray(gen["finished"])
+  if not len(prompts):
+    return scorer.score_grouped([], gen["texts"], truncated=truncated_PxN)
+  parts = []
+  with progress(desc, len(prompts), "prompt") as bar:
+    for start in range(0, len(prompts), SCORE_CHUNK):
+      end = min(start + SCORE_CHUNK, len(prompts))
+      try:
+        parts.append(scorer.score_grouped(list(prompts[start:end]), gen["texts"][start:end],
+                                          truncated=truncated_PxN[start:end]))
+      except reward.NonFiniteScoreError as e:
+        # The scorer counts from the chunk's first prompt; name the position in the stage.
+        raise reward.NonFiniteScoreError(
+            f"{e} [the index counts from prompt {start} of {len(prompts)}]",
+            e.index + start * truncated_PxN.shape[1]) from None
+      bar.update(end - start)
+  return np.concatenate(parts)
 
 
 def create(buffer: PromptBuffer, prompts: Sequence[str], rewards_PxN: np.ndarray,
@@ -94,7 +142,8 @@ def create(buffer: PromptBuffer, prompts: Sequence[str], rewards_PxN: np.ndarray
 
   rng: a numpy Generator, drawn first by the selection, then by the evolver.
   dataset_ids: the dataset's id of each prompt (kept in the record's `extra`), or None.
-  Returns (the new buffer, {"selected", "informativeness", "evolved", "methods"}).
+  Returns (the new buffer, {"selected", "informativeness", "evolved", "methods", "parents"
+  (the parent text of each evolved prompt), "rejected" ({filter reason: count})}).
   """
   buffer = PromptBuffer(list(buffer))
   ids = [buffer.add(p, iteration=iteration,
@@ -103,13 +152,17 @@ def create(buffer: PromptBuffer, prompts: Sequence[str], rewards_PxN: np.ndarray
   buffer.record_scores(ids, rewards_PxN, informativeness_P)
   chosen = creator.select(informativeness_P, fraction=creator_cfg.fraction,
                           method=creator_cfg.selection, rng=rng)
+  rejected: dict[str, int] = {}
   records = creator.evolve_round(
       buffer, [ids[i] for i in chosen], evolver, rng=rng, iteration=iteration,
       tokenizer_len_fn=token_count, min_tokens=creator_cfg.min_tokens,
-      max_tokens=creator_cfg.max_tokens, max_similarity=creator_cfg.max_similarity)
+      max_tokens=creator_cfg.max_tokens, max_similarity=creator_cfg.max_similarity,
+      rejections=rejected)
   return buffer, {"selected": [ids[i] for i in chosen],
                   "informativeness": np.asarray(informativeness_P).tolist(),
-                  "evolved": [r.text for r in records], "methods": [r.method for r in records]}
+                  "evolved": [r.text for r in records], "methods": [r.method for r in records],
+                  "parents": [buffer.get(r.parent_id).text for r in records],
+                  "rejected": dict(sorted(rejected.items()))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,9 +191,13 @@ def best_worst_pairs(prompts: Sequence[str], gen: dict, rewards_PxN: np.ndarray,
 
 def mix(base_pairs: list[dict], evolved_pairs: list[dict], rng, *, creator_cfg,
         num_pairs: int) -> list[dict]:
-  """eva: base/evolved mixed by creator_cfg.base_ratio; static (creator off): the base pairs,
-  shuffled. Both capped at num_pairs, so eva and static train on the same budget."""
-  if creator_cfg.enabled:
+  """eva: base/evolved mixed by creator_cfg.base_ratio; static (creator off) or no evolved
+  pairs: the base pairs, shuffled. Both capped at num_pairs, so eva and static train on the
+  same budget."""
+  # No evolved pairs (every evolved prompt's responses tied, or scored below the floor): the
+  # same shuffle as mix_pairs would draw, without its warning; the runner's pairs line shows
+  # the count.
+  if creator_cfg.enabled and evolved_pairs:
     mixed = creator.mix_pairs(base_pairs, evolved_pairs, base_ratio=creator_cfg.base_ratio,
                               rng=rng)
   else:
@@ -171,13 +228,18 @@ def _pair_batches(policy: Policy, pairs: list[dict], train_cfg) -> list[dict]:
   return batches
 
 
-def reference(policy: Policy, pairs: list[dict], *, train_cfg) -> dict:
+def reference(policy: Policy, pairs: list[dict], *, train_cfg, progress=no_progress) -> dict:
   """Summed log-probs of chosen and rejected under θ_t, computed once for the iteration."""
   if not pairs:
     return {"ref_chosen": np.zeros(0, np.float32), "ref_rejected": np.zeros(0, np.float32)}
   batches = _pair_batches(policy, pairs, train_cfg)
-  ref_c, ref_r = logprobs.reference_logprobs(policy.model_config, policy.params, batches,
-                                             mesh=policy.mesh, impl=train_cfg.logprob_impl)
+  parts = []
+  with progress("reference", len(batches), "batch") as bar:
+    for batch in batches:
+      parts.append(logprobs.reference_logprobs(policy.model_config, policy.params, [batch],
+                                               mesh=policy.mesh, impl=train_cfg.logprob_impl))
+      bar.update(1)
+  ref_c, ref_r = (np.concatenate(xs) for xs in zip(*parts))
   # Each batch is padded to the same row count with weight-0 pairs: keep the real rows.
   size = len(batches[0]["weights"])
   real = np.concatenate([np.arange(i * size, i * size + min(size, len(pairs) - i * size))
@@ -217,7 +279,7 @@ def _train_step(policy: Policy, opt_cfg, loss_cfg):
 
 
 def train_iteration(policy: Policy, pairs: list[dict], ref: dict, rng, log_step, *,
-                    train_cfg) -> train_state.TrainState:
+                    train_cfg, progress=no_progress) -> train_state.TrainState:
   """Preference optimization θ_t → θ_{t+1} over train_cfg.epochs passes of the pairs.
 
   The schedule spans the step count of a full budget (train_cfg.num_pairs pairs), the same for
@@ -233,22 +295,27 @@ def train_iteration(policy: Policy, pairs: list[dict], ref: dict, rng, log_step,
                                        params=policy.params)
   if not pairs:
     return state
-  for epoch in range(t.epochs):
-    order = rng.permutation(len(pairs))
-    shuffled = [pairs[i] for i in order]
-    ref_c, ref_r = ref["ref_chosen"][order], ref["ref_rejected"][order]
-    batches = _pair_batches(policy, shuffled, t)
-    sizes = [min(len(b["weights"]), int(b["weights"].sum())) for b in batches]
-    for batch in logprobs.with_reference(batches, ref_c, ref_r, num_pairs=sizes):
-      state, metrics = train.timed_step(step, state, batch, config=policy.model_config)
-      train.check_finite(metrics, int(state.step))
-      wd.kill_point("train_step")
-      log_step(int(state.step), epoch, metrics)
+  steps = t.epochs * math.ceil(len(pairs) / train_batch_size(policy.mesh, t))
+  with progress("train", steps, "step") as bar:
+    for epoch in range(t.epochs):
+      order = rng.permutation(len(pairs))
+      shuffled = [pairs[i] for i in order]
+      ref_c, ref_r = ref["ref_chosen"][order], ref["ref_rejected"][order]
+      batches = _pair_batches(policy, shuffled, t)
+      sizes = [min(len(b["weights"]), int(b["weights"].sum())) for b in batches]
+      for batch in logprobs.with_reference(batches, ref_c, ref_r, num_pairs=sizes):
+        state, metrics = train.timed_step(step, state, batch, config=policy.model_config)
+        train.check_finite(metrics, int(state.step))
+        wd.kill_point("train_step")
+        log_step(int(state.step), epoch, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", epoch=epoch)
+        bar.update(1)
   return state
 
 
 def sft_warm_start(policy: Policy, examples: Sequence[tuple[str, str]], steps: int, rng,
-                   log_step, *, sft_cfg, train_cfg) -> train_state.TrainState:
+                   log_step, *, sft_cfg, train_cfg,
+                   progress=no_progress) -> train_state.TrainState:
   """Supervised warm-start, `steps` updates on (prompt, answer) examples; returns the state.
 
   Lengths come from train_cfg; log_step(step, metrics).
@@ -274,15 +341,19 @@ def sft_warm_start(policy: Policy, examples: Sequence[tuple[str, str]], steps: i
     responses.append(full[len(tok.apply_chat_template(prompt, add_generation_prompt=True)):])
   multiple = sharding.batch_multiple(policy.mesh)
   size = max(multiple, sft_cfg.batch_size // multiple * multiple)
-  for i in range(steps):
-    rows = rng.choice(len(examples), size=size, replace=False)
-    batch = logprobs.make_sft_batch([prompts[r] for r in rows], [responses[r] for r in rows],
-                                    max_length=train_cfg.max_length,
-                                    max_prompt_length=train_cfg.max_prompt_length,
-                                    pad_id=tok.pad_id, batch_multiple=multiple, length_bucket=16)
-    state, metrics = train.timed_step(step, state, batch, config=policy.model_config)
-    train.check_finite(metrics, i)
-    log_step(i, metrics)
+  with progress("sft warm-start", steps, "step") as bar:
+    for i in range(steps):
+      rows = rng.choice(len(examples), size=size, replace=False)
+      batch = logprobs.make_sft_batch([prompts[r] for r in rows], [responses[r] for r in rows],
+                                      max_length=train_cfg.max_length,
+                                      max_prompt_length=train_cfg.max_prompt_length,
+                                      pad_id=tok.pad_id, batch_multiple=multiple,
+                                      length_bucket=16)
+      state, metrics = train.timed_step(step, state, batch, config=policy.model_config)
+      train.check_finite(metrics, i)
+      log_step(i, metrics)
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+      bar.update(1)
   return state
 
 
@@ -291,7 +362,7 @@ def sft_warm_start(policy: Policy, examples: Sequence[tuple[str, str]], steps: i
 
 
 def evaluate(policy: Policy, scorer, heldout: Sequence, *, key, sampling_cfg,
-             eval_cfg) -> dict:
+             eval_cfg, progress=no_progress) -> dict:
   """One answer per held-out prompt (eval_cfg.temperature 0: greedy), its reward, overall and
   per difficulty level. heldout: `eva_jax.sources.Prompt`s (text, id, level)."""
   settings = types.SimpleNamespace(
@@ -299,8 +370,9 @@ def evaluate(policy: Policy, scorer, heldout: Sequence, *, key, sampling_cfg,
       top_p=sampling_cfg.top_p, top_k=sampling_cfg.top_k, num_samples=1,
       temperature=eval_cfg.temperature, max_new_tokens=eval_cfg.max_new_tokens)
   prompts = [h.text for h in heldout]
-  gen = generate(policy, prompts, key=key, sampling_cfg=settings)
-  rewards = score(scorer, prompts, gen)[:, 0]
+  gen = generate(policy, prompts, key=key, sampling_cfg=settings, progress=progress,
+                 desc="evaluate")
+  rewards = score(scorer, prompts, gen, progress=progress, desc="evaluate: score")[:, 0]
   by_level = {}
   for level in sorted({h.level for h in heldout}):
     sel = [i for i, h in enumerate(heldout) if h.level == level]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import time
 import uuid
 import zipfile
@@ -32,21 +31,9 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
-_KILL_COUNTS: dict[str, int] = {}
-
-
-def kill_point(name: str) -> None:
-  """Fault injection for the resume tests: EVA_TEST_KILL_AT=name[:n] SIGKILLs this process the
-  n-th time (default 1st) it passes the point `name`. A no-op unless that variable is set."""
-  spec = os.environ.get("EVA_TEST_KILL_AT")
-  if not spec:
-    return
-  target, _, count = spec.partition(":")
-  if target != name:
-    return
-  _KILL_COUNTS[name] = _KILL_COUNTS.get(name, 0) + 1
-  if _KILL_COUNTS[name] == int(count or 1):
-    os.kill(os.getpid(), signal.SIGKILL)
+# Fault injection for the resume tests lives with the writes it interrupts (fileio); the stages
+# call it as wd.kill_point.
+kill_point = fileio.kill_point
 
 
 class CorruptArtifact(ValueError):
@@ -217,16 +204,24 @@ class Checkpoints:
 
   Orbax writes into a temporary folder and renames it when complete (on gs://, where a rename
   is a copy, it writes a commit_success.txt last instead), so a kill mid-write leaves the
-  previous checkpoints intact and the partial one ignored.
+  previous checkpoints intact and the partial one ignored. keep-N is ours rather than Orbax's
+  (which prunes only when it saves): old steps go only after the new one is committed, and a
+  start first finishes a pruning that a killed run left undone, so a kill while deleting leaves
+  the same checkpoints as an uninterrupted run. A committed step that cannot be read back is
+  refused with one error naming its folder (CorruptArtifact).
   """
 
   def __init__(self, workdir: str, *, keep: int = 2, use_async: bool = False):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=use_async)
+    # cleanup_tmp_directories: a step a killed run left half-written (a temp folder locally, a
+    # folder without commit_success.txt on gs://) is removed at start, then written again.
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=use_async,
+                                           cleanup_tmp_directories=True)
     # An epath, not a string: Orbax then writes gs:// workdirs (array data through
     # TensorStore's gcs driver) as well as local ones.
-    self.manager = ocp.CheckpointManager(fileio.absolute(workdir) / "checkpoints",
-                                         options=options)
+    self.directory = fileio.absolute(workdir) / "checkpoints"
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._keep = keep
+    self._prune()
 
   def latest(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -238,10 +233,21 @@ class Checkpoints:
     self.manager.save(step, args=ocp.args.StandardSave(state))
     kill_point("checkpoint_write")  # With async saving, the write is still in flight here.
     self.manager.wait_until_finished()
+    self._prune()
+
+  def _prune(self) -> None:
+    for step in sorted(self.manager.all_steps())[:-self._keep]:
+      kill_point("checkpoint_delete")  # The new step is committed, the old one still there.
+      self.manager.delete(step)
 
   def restore(self, step: int, abstract_state):
     """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    try:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # Orbax reports a TensorStore read error as a bare Exception.
+      first_line = str(e).splitlines()[0][:300] if str(e) else ""
+      raise CorruptArtifact(self.directory / str(step), f"checkpoint cannot be restored "
+                            f"({type(e).__name__}: {first_line})") from e
 
   def close(self) -> None:
     self.manager.wait_until_finished()

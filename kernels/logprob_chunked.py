@@ -210,28 +210,36 @@ def chunked_backward(hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N, g_logpr
   return d_hidden_NxD, d_w_DxV
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked(hidden_NxD, w_out_DxV, targets_N, spec):
-  logprob_N, entropy_N, _ = _chunked_forward(hidden_NxD, w_out_DxV, targets_N, spec)
-  return logprob_N, entropy_N
+def with_blockwise_vjp(forward, backward_block_v):
+  """f(hidden, w_out, targets, spec) -> (logprob [N], entropy [N]) with a custom VJP.
+
+  `forward(hidden, w_out, targets, spec)` returns (logprob, entropy, lse); the backward is
+  `chunked_backward`, walking `backward_block_v(spec)` vocabulary columns at a time. Both the
+  chunked walk and the Pallas kernel use it, so their gradients are one code path.
+  """
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+  def fn(hidden_NxD, w_out_DxV, targets_N, spec):
+    logprob_N, entropy_N, _ = forward(hidden_NxD, w_out_DxV, targets_N, spec)
+    return logprob_N, entropy_N
+
+  def fwd(hidden_NxD, w_out_DxV, targets_N, spec):
+    logprob_N, entropy_N, lse_N = forward(hidden_NxD, w_out_DxV, targets_N, spec)
+    return (logprob_N, entropy_N), (hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N)
+
+  def bwd(spec, residuals, cotangents):
+    hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N = residuals
+    g_logprob_N, g_entropy_N = cotangents
+    d_hidden_NxD, d_w_DxV = chunked_backward(
+        hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N, g_logprob_N,
+        g_entropy_N if spec.with_entropy_grad else None,
+        softcap=spec.softcap, block_v=backward_block_v(spec))
+    return d_hidden_NxD.astype(hidden_NxD.dtype), d_w_DxV, None
+
+  fn.defvjp(fwd, bwd)
+  return fn
 
 
-def _chunked_fwd(hidden_NxD, w_out_DxV, targets_N, spec):
-  logprob_N, entropy_N, lse_N = _chunked_forward(hidden_NxD, w_out_DxV, targets_N, spec)
-  return (logprob_N, entropy_N), (hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N)
-
-
-def _chunked_bwd(spec, residuals, cotangents):
-  hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N = residuals
-  g_logprob_N, g_entropy_N = cotangents
-  d_hidden_NxD, d_w_DxV = chunked_backward(
-      hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N, g_logprob_N,
-      g_entropy_N if spec.with_entropy_grad else None,
-      softcap=spec.softcap, block_v=spec.block_v)
-  return d_hidden_NxD.astype(hidden_NxD.dtype), d_w_DxV, None
-
-
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+_chunked = with_blockwise_vjp(_chunked_forward, lambda spec: spec.block_v)
 
 
 def chunked_target_logprobs(hidden_NxD, w_out_DxV, targets_N, *, softcap=None,

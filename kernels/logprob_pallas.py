@@ -124,28 +124,7 @@ def _pallas_forward(hidden_NxD, w_out_DxV, targets_N, spec):
   return logprob_N[:rows], entropy_N[:rows], lse_N[:rows]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _pallas(hidden_NxD, w_out_DxV, targets_N, spec):
-  logprob_N, entropy_N, _ = _pallas_forward(hidden_NxD, w_out_DxV, targets_N, spec)
-  return logprob_N, entropy_N
-
-
-def _pallas_fwd(hidden_NxD, w_out_DxV, targets_N, spec):
-  logprob_N, entropy_N, lse_N = _pallas_forward(hidden_NxD, w_out_DxV, targets_N, spec)
-  return (logprob_N, entropy_N), (hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N)
-
-
-def _pallas_bwd(spec, residuals, cotangents):
-  hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N = residuals
-  g_logprob_N, g_entropy_N = cotangents
-  d_hidden_NxD, d_w_DxV = chunked.chunked_backward(
-      hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N, g_logprob_N,
-      g_entropy_N if spec.with_entropy_grad else None,
-      softcap=spec.softcap, block_v=spec.bwd_block_v)
-  return d_hidden_NxD.astype(hidden_NxD.dtype), d_w_DxV, None
-
-
-_pallas.defvjp(_pallas_fwd, _pallas_bwd)
+_pallas = chunked.with_blockwise_vjp(_pallas_forward, lambda spec: spec.bwd_block_v)
 
 
 def _is_power_of_two(x: int) -> bool:

@@ -1,5 +1,5 @@
-"""Test setup: 8 fake CPU devices for sharding tests, float32 matmuls for parity tests, and a
-local GCS emulator for the gs:// workdir tests."""
+"""Test setup: 8 fake CPU devices for sharding tests, float32 matmuls for parity tests, a
+local GCS emulator for the gs:// workdir tests, and the smoke run in subprocesses."""
 import os
 
 # Must be set before jax is imported anywhere in the test session.
@@ -13,6 +13,8 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import uuid  # noqa: E402
 
 import pytest  # noqa: E402
@@ -52,3 +54,47 @@ def smollm2_path():
     if os.environ.get("CI"):
       pytest.fail(f"SmolLM2 unavailable: {e}", pytrace=False)
     pytest.skip(f"SmolLM2 unavailable: {e}")
+
+
+# --- the smoke run end to end, in subprocesses (tests/test_runner.py, tests/test_gcs.py) ---
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_smoke(workdir, cache_dir, *flags, cwd=ROOT, env=None, timeout=600):
+  """`python -m eva_jax.main` on the smoke config with 2 fake CPU devices (the mesh of the
+  two-process run) and a persistent compilation cache shared by every run of the session, so
+  that only the first one compiles. `env` adds variables (fault points, emulator, ...)."""
+  run_env = dict(os.environ)
+  run_env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                 JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=ROOT)
+  run_env.update(env or {})
+  cmd = [sys.executable, "-m", "eva_jax.main",
+         f"--config={os.path.join(ROOT, 'configs', 'default.py')}:smoke", f"--workdir={workdir}",
+         "--config.checkpoint.use_async=True", *flags]
+  return subprocess.run(cmd, cwd=cwd, env=run_env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_cache(tmp_path_factory):
+  return tmp_path_factory.getbasetemp() / "jax_cache"
+
+
+@pytest.fixture(scope="session")
+def run_smoke(smoke_cache):
+  """run_smoke(workdir, *flags, cwd=..., env=...) -> CompletedProcess (see _run_smoke)."""
+  return lambda workdir, *flags, **kw: _run_smoke(workdir, smoke_cache, *flags, **kw)
+
+
+@pytest.fixture(scope="session")
+def smoke_reference(tmp_path_factory, run_smoke):
+  """The uninterrupted 2-iteration local smoke run (keep-2 checkpoints: steps 1 and 2), made
+  once per session: the reference of every resume, fault and gs:// test. Its checkpoint 1 is
+  also the result of a 1-iteration run (the iteration count changes no result)."""
+  workdir = tmp_path_factory.mktemp("reference") / "run"
+  proc = run_smoke(workdir, "--config.iterations=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir

@@ -5,10 +5,7 @@ path the code writes through; checkpoints are compared bit for bit with what was
 """
 import io
 import json
-import os
 import struct
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +17,6 @@ from eva_jax import export
 from eva_jax import fileio
 from eva_jax import report
 from eva_jax import workdir as wd
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _blob(url: str) -> bytes:
@@ -208,28 +203,13 @@ def test_check_writable(gcs_workdir):
     wd.check_writable("gs://no-such-bucket/run")
 
 
-# --- end to end: the smoke run on gs://, killed and resumed, against a local run ---
+# --- end to end: the smoke run on gs://, killed and resumed, against the local reference ---
 
 
-def _main(workdir, cwd, cache_dir, env, **extra):
-  run_env = dict(os.environ)
-  run_env.update(env)
-  run_env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                 JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=ROOT, **extra)
-  cmd = [sys.executable, "-m", "eva_jax.main",
-         f"--config={os.path.join(ROOT, 'configs', 'default.py')}:smoke", f"--workdir={workdir}"]
-  # In its own folder, so that a gs:// URL handed to plain `os` calls shows up as a local "gs:".
-  return subprocess.run(cmd, cwd=cwd, env=run_env, capture_output=True, text=True, timeout=900)
-
-
-def _final_params(workdir):
-  """The last checkpoint's arrays, restored onto one device without a target tree."""
+def _checkpoint_arrays(workdir, step):
+  """Checkpoint `step`'s arrays, restored onto one device without a target tree."""
   import orbax.checkpoint as ocp
-  steps = sorted(int(s) for s in fileio.listdir(fileio.join(workdir, "checkpoints"))
-                 if s.isdigit())
-  path = fileio.absolute(workdir) / "checkpoints" / str(steps[-1]) / "default"
+  path = fileio.absolute(workdir) / "checkpoints" / str(step) / "default"
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as ckpt:
     meta = ckpt.metadata(path)
@@ -237,28 +217,37 @@ def _final_params(workdir):
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
                           meta, is_leaf=lambda m: hasattr(m, "shape"))
     restored = ckpt.restore(path, target)
-  return steps[-1], [np.asarray(x) for x in jax.tree.leaves(restored)]
+  return [np.asarray(x) for x in jax.tree.leaves(restored)]
 
 
 def test_smoke_run_resumed_after_sigkill_on_gcs_matches_local(gcs_emulator, gcs_workdir,
+                                                              smoke_reference, run_smoke,
                                                               tmp_path):
-  cache = tmp_path / "jax_cache"
-  local = tmp_path / "local"
+  """One iteration on gs://, killed mid-training and resumed: checkpoint 1 and every artifact
+  of iteration 0 are those of the local reference run, and nothing was written locally (the
+  tokenizer included: it is trained in a temp folder and cached in the bucket)."""
+  # In its own folder, so that a gs:// URL handed to plain `os` calls shows up as a local "gs:".
   cwd = tmp_path / "cwd"
   cwd.mkdir()
-  proc = _main(local, cwd, cache, {})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  killed = _main(gcs_workdir, cwd, cache, gcs_emulator.env, EVA_TEST_KILL_AT="train_step:2")
+  killed = run_smoke(gcs_workdir, cwd=cwd, env=dict(gcs_emulator.env,
+                                                    EVA_TEST_KILL_AT="train_step:2"))
   assert killed.returncode == -9, f"train_step:2 did not kill: {killed.stderr[-3000:]}"
-  proc = _main(gcs_workdir, cwd, cache, gcs_emulator.env)
+  assert "cache/tokenizer/eva_settings.sha256" in _names(gcs_workdir)
+  proc = run_smoke(gcs_workdir, cwd=cwd, env=gcs_emulator.env)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  step, params = _final_params(gcs_workdir)
-  ref_step, ref_params = _final_params(str(local))
-  assert step == ref_step
+  assert sorted(s for s in fileio.listdir(f"{gcs_workdir}/checkpoints") if s.isdigit()) == \
+      ["0", "1"]
+  params = _checkpoint_arrays(gcs_workdir, 1)
+  ref_params = _checkpoint_arrays(str(smoke_reference), 1)
   assert len(params) == len(ref_params)
   for a, b in zip(params, ref_params):
     np.testing.assert_array_equal(a, b)  # Bit for bit.
+  local = smoke_reference / "iter_000"
+  artifacts = [name for name in _names(gcs_workdir) if name.startswith("iter_000/")]
+  assert sorted(artifacts) == sorted(f"iter_000/{p.name}" for p in local.iterdir())
+  for name in artifacts:
+    assert _blob(f"{gcs_workdir}/{name}") == (smoke_reference / name).read_bytes(), name
   assert "held-out reward" in fileio.read_text(fileio.join(gcs_workdir, "report.md"))
   assert fileio.exists(fileio.join(gcs_workdir, "metrics.jsonl"))
-  leaked = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*") if p.is_file())
+  leaked = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*"))
   assert not leaked, f"files meant for {gcs_workdir} were written locally: {leaked}"

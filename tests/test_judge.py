@@ -1,7 +1,6 @@
 """LLM-as-judge scores against the same expectation computed from transformers' PyTorch logits."""
 import string
 
-import jax
 import numpy as np
 import pytest
 

@@ -79,6 +79,22 @@ def test_sharded_index_and_mesh_placement(saved, tmp_path):
   assert any(not s.is_fully_replicated for s in jax.tree.leaves(expected))
 
 
+def test_rules_from_config_override_the_defaults():
+  config = models.tiny("llama")
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  rules = sharding.rules_from_config({"embed": None, "mlp": ["fsdp", "tensor"]})
+  placed = sharding.param_shardings(config, mesh, rules)
+  default = sharding.param_shardings(config, mesh)
+  assert tuple(default["embedding"].spec) == ("tensor", "fsdp")
+  assert tuple(placed["embedding"].spec) == ("tensor", None)
+  assert tuple(placed["layers"]["mlp"]["up"].spec) == (None, None, ("fsdp", "tensor"))
+  assert sharding.rules_from_config(None) == sharding.DEFAULT_RULES
+  with pytest.raises(ValueError, match="unknown logical axis 'embedding'"):
+    sharding.rules_from_config({"embedding": "fsdp"})
+  with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+    sharding.rules_from_config({"embed": "model"})
+
+
 def test_load_in_bfloat16(saved):
   _, _, path = saved
   config, params = hf.load(path, dtype="bfloat16")

@@ -1,11 +1,13 @@
 """The runner: config validation, exact resume after SIGKILL, and two processes vs one.
 
 The end-to-end tests run `python -m eva_jax.main` in subprocesses on the smoke config, with a
-persistent compilation cache shared between them so that only the first one compiles.
+persistent compilation cache shared between them so that only the first one compiles; faults
+(SIGKILL, a full disk, corrupt files) are injected through eva_jax.fileio's test hooks.
 """
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -164,42 +166,25 @@ def test_a_different_resolved_mesh_is_refused(tmp_path):
                                       str(saved))
 
 
-# --- end to end in subprocesses ---
+# --- end to end in subprocesses (conftest.py: run_smoke, smoke_reference) ---
 
 
-def _env(cache_dir, **extra):
-  env = dict(os.environ)
-  # Single-process runs see 2 devices, the same mesh (data=2) as the two-process run.
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=ROOT)
-  env.update(extra)
-  return env
-
-
-def _main(workdir, cache_dir, *flags, **env):
-  cmd = [sys.executable, "-m", "eva_jax.main", "--config=configs/default.py:smoke",
-         f"--workdir={workdir}", "--config.checkpoint.use_async=True", *flags]
-  return subprocess.run(cmd, cwd=ROOT, env=_env(cache_dir, **env), capture_output=True,
-                        text=True, timeout=600)
-
-
-def _final_params(workdir):
-  """The last checkpoint's arrays, read back with Orbax (no target: plain numpy)."""
+def _checkpoint_arrays(workdir, step=None):
+  """(step, leaves) of checkpoint `step` (default: the last), read back with Orbax onto one
+  device without a target tree, whatever topology wrote it."""
+  import jax
   import orbax.checkpoint as ocp
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
-  import jax
-  path = os.path.join(workdir, "checkpoints", str(steps[-1]), "default")
+  step = steps[-1] if step is None else step
+  path = os.path.join(workdir, "checkpoints", str(step), "default")
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as ckpt:
-    # Onto one device, whatever topology wrote it (the two-process run saves from 2 hosts).
     meta = ckpt.metadata(path)
     meta = getattr(meta, "item_metadata", meta)
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
                           meta, is_leaf=lambda m: hasattr(m, "shape"))
     restored = ckpt.restore(path, target)
-  return steps[-1], [np.asarray(x) for x in jax.tree.leaves(restored)]
+  return step, [np.asarray(x) for x in jax.tree.leaves(restored)]
 
 
 def _artifacts(workdir):
@@ -208,48 +193,169 @@ def _artifacts(workdir):
   return {k: v for k, v in snap.items() if k.startswith("iter_")}
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-  root = tmp_path_factory.mktemp("reference")
-  cache = tmp_path_factory.getbasetemp() / "jax_cache"
-  proc = _main(root / "run", cache)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return root / "run", cache
-
-
-def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
-  ref_dir, cache = reference_run
-  workdir = tmp_path / "run"
-  # Each restart skips what the previous run finished, so the counts are per process:
-  # the second sampling call (after the warm-start evaluation), the second update of
-  # iteration 0, and the first checkpoint this process writes (iteration 1, async).
-  for point in ("sampling:2", "train_step:2", "checkpoint_write:1"):
-    proc = _main(workdir, cache, EVA_TEST_KILL_AT=point)
-    assert proc.returncode == -9, f"{point} did not kill: {proc.stderr[-2000:]}"
-  proc = _main(workdir, cache)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  step, params = _final_params(workdir)
-  ref_step, ref_params = _final_params(ref_dir)
-  assert step == ref_step
+def _assert_same_run(workdir, ref_dir):
+  """Final params bit for bit, every stage artifact byte for byte, the same checkpoints kept."""
+  step, params = _checkpoint_arrays(workdir)
+  ref_step, ref_params = _checkpoint_arrays(ref_dir)
+  assert step == ref_step and len(params) == len(ref_params)
   for a, b in zip(params, ref_params):
     np.testing.assert_array_equal(a, b)  # Bit for bit.
   assert _artifacts(workdir) == _artifacts(ref_dir)
-  report = (workdir / "report.md").read_text()
-  assert "held-out reward" in report
+  assert (sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+          == sorted(os.listdir(os.path.join(ref_dir, "checkpoints"))))
+  assert "held-out reward" in (workdir / "report.md").read_text()
+
+
+def _assert_kept(before, workdir):
+  """No stage artifact that existed before a run was lost or changed by it."""
+  after = _artifacts(workdir)
+  changed = sorted(k for k, v in before.items() if after.get(k) != v)
+  assert not changed, f"artifacts lost or changed: {changed}"
+
+
+# Where each restart of a 2-iteration run is killed; each run resumes from what the previous
+# one left and dies at the next point. Counts are per process (a restart skips what is done).
+# "<file>.write" fires before the first byte of an atomic write, "<file>.written" once the file
+# is in place (eva_jax/fileio.py).
+KILL_CHAIN = (
+    "sampling:2",  # Iteration 0 sampled (after the warm-start evaluation), generate.npz not yet.
+    "reference.npz.write:1",  # Pairs written, reference log-probs not.
+    "train_step:2",  # Mid-training of iteration 0.
+    "checkpoint_write:1",  # Checkpoint 1 still being written (async): no commit yet.
+    "report.md.write:1",  # Inside the report of iteration 0: the plots written, report.md not.
+    "buffer.jsonl.written:1",  # Iteration 1 read iteration 0's buffer and wrote its own.
+    "generate_evolved.npz.written:1",  # Iteration 1's evolved prompts sampled and saved.
+    "checkpoint_delete:1",  # Checkpoint 2 committed; keep-2 is about to delete checkpoint 0.
+    "evaluate.json.written:1",  # Iteration 1 evaluated; its report not written.
+)
+
+
+def test_killed_anywhere_across_iterations_resumes_exactly(smoke_reference, run_smoke, tmp_path):
+  """One 2-iteration run killed (SIGKILL) at every point of KILL_CHAIN in turn, then run to the
+  end: the same final params, the same artifacts and checkpoints as an uninterrupted run, and
+  no run lost or changed an artifact an earlier one had written."""
+  workdir = tmp_path / "run"
+  for point in KILL_CHAIN:
+    before = _artifacts(workdir) if workdir.exists() else {}
+    proc = run_smoke(workdir, "--config.iterations=2", env={"EVA_TEST_KILL_AT": point})
+    assert proc.returncode == -9, f"{point} did not kill: {proc.stderr[-2000:]}"
+    _assert_kept(before, workdir)
+  before = _artifacts(workdir)
+  proc = run_smoke(workdir, "--config.iterations=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  _assert_kept(before, workdir)
+  _assert_same_run(workdir, smoke_reference)
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-  assert any(r["kind"] == "eval" for r in rows)
+  assert {r["step"] for r in rows if r["kind"] == "eval"} == {0, 1, 2}
 
 
-def test_restart_on_another_device_count_is_refused(reference_run):
+def _copy_run(ref_dir, dest):
+  shutil.copytree(ref_dir, dest)
+  return dest
+
+
+def _corrupt(path, how):
+  data = path.read_bytes()
+  path.write_bytes(b"" if how == "empty" else data[:len(data) // 2])
+
+
+def test_corrupt_artifacts_are_recomputed_identically(smoke_reference, run_smoke, tmp_path):
+  """Stage artifacts are a cache: a zero-byte or half-written one is recomputed (a warning
+  names it) and rewritten identically. A checkpoint that was never committed (the temp folder
+  of a killed write) is written again; an old step half-deleted by keep-N is deleted."""
+  workdir = _copy_run(smoke_reference, tmp_path / "run")
+  it1, ckpts = workdir / "iter_001", workdir / "checkpoints"
+  _corrupt(it1 / "evaluate.json", "empty")  # Iteration 1 is no longer done...
+  _corrupt(it1 / "reference.npz", "half")  # ...its reference is cut short...
+  _corrupt(it1 / "pairs.json", "empty")
+  # ...and checkpoint 2 is a write killed before its commit (Orbax's temp name), so iteration 1
+  # trains again from checkpoint 1 on the recomputed pairs and reference.
+  os.rename(ckpts / "2", ckpts / "2.orbax-checkpoint-tmp-1700000000000000")
+  shutil.copytree(ckpts / "1", ckpts / "0")  # A step keep-N was deleting when killed:
+  shutil.rmtree(ckpts / "0" / "default")  # its array data already gone.
+  proc = run_smoke(workdir, "--config.iterations=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name, reason in (("evaluate.json", "empty file"), ("reference.npz", "not a readable .npz"),
+                       ("pairs.json", "empty file")):
+    assert f"corrupt artifact {it1 / name}: {reason}" in proc.stderr
+  _assert_same_run(workdir, smoke_reference)
+
+
+def _derived(name):
+  return name in ("metrics.jsonl", "report.md") or name.startswith("plots/")
+
+
+def test_unrecoverable_artifacts_stop_with_one_error_and_change_nothing(smoke_reference,
+                                                                        run_smoke, tmp_path):
+  """A committed checkpoint that cannot be read, or the prompt buffer an iteration hands on
+  (its checkpoint is gone, so it cannot be recomputed), stop the run with one error naming the
+  file; every artifact and checkpoint that was there is still there, unchanged."""
+  ckpt_run = _copy_run(smoke_reference, tmp_path / "ckpt")
+  (ckpt_run / "iter_001" / "evaluate.json").unlink()  # Iteration 1 must evaluate checkpoint 2,
+  data = ckpt_run / "checkpoints" / "2" / "default" / "ocdbt.process_0" / "d"
+  for blob in data.iterdir():  # whose array data is cut short.
+    _corrupt(blob, "half")
+  buffer_run = _copy_run(smoke_reference, tmp_path / "buffer")
+  (buffer_run / "iter_001" / "create.json").unlink()  # Iteration 1 must create again...
+  (buffer_run / "iter_001" / "evaluate.json").unlink()
+  _corrupt(buffer_run / "iter_000" / "buffer.jsonl", "half")  # ...from a cut-short buffer.
+  for workdir, culprit in ((ckpt_run, ckpt_run / "checkpoints" / "2"),
+                           (buffer_run, buffer_run / "iter_000" / "buffer.jsonl")):
+    before = _snapshot(workdir)
+    metrics_before = (workdir / "metrics.jsonl").read_bytes()
+    proc = run_smoke(workdir, "--config.iterations=2")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "CorruptArtifact:" in line]
+    assert len(errors) == 1 and f"corrupt artifact {culprit}: " in errors[0], proc.stderr[-3000:]
+    after = _snapshot(workdir)
+    # The report is derived: rewritten from the artifacts after each iteration, so it now shows
+    # the iterations this run got through. The metrics log only grows.
+    assert {k: v for k, v in after.items() if k in before and not _derived(k)} == \
+        {k: v for k, v in before.items() if not _derived(k)}
+    assert (workdir / "metrics.jsonl").read_bytes().startswith(metrics_before)
+
+
+def test_disk_full_mid_run_stops_cleanly_and_resumes_exactly(smoke_reference, run_smoke,
+                                                            tmp_path):
+  """An artifact write that fails half-way (ENOSPC, injected) stops the run with one error
+  naming the file, leaves no partial file and every earlier artifact intact; a restart on a
+  healthy disk ends bit-identical to the uninterrupted run."""
+  workdir = _copy_run(smoke_reference, tmp_path / "run")
+  shutil.rmtree(workdir / "iter_001")  # Back to the state after iteration 0.
+  shutil.rmtree(workdir / "checkpoints" / "2")
+  for point in ("reference.npz", "evaluate.json", "report.md"):
+    before = _artifacts(workdir)
+    proc = run_smoke(workdir, "--config.iterations=2", env={"EVA_TEST_FAIL_WRITE_AT": point})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "No space left on device" in line]
+    assert len(errors) == 1 and point in errors[0], proc.stderr[-3000:]
+    _assert_kept(before, workdir)
+    leftovers = [p for p in workdir.rglob("*") if ".tmp" in p.name and "orbax" not in p.name]
+    assert not leftovers
+  proc = run_smoke(workdir, "--config.iterations=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  _assert_same_run(workdir, smoke_reference)
+
+
+def test_restart_on_another_device_count_is_refused(smoke_reference, run_smoke):
   """mesh.data = -1 resolved to 2 devices there; on 1 device the same config would sample and
   train differently, so the restart stops before touching the workdir."""
-  ref_dir, cache = reference_run
-  before = _snapshot(ref_dir)
-  proc = _main(ref_dir, cache, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  before = _snapshot(smoke_reference)
+  proc = run_smoke(smoke_reference, "--config.iterations=2",
+                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
   assert proc.returncode != 0
   assert ("workdir holds a run on mesh data 2 x fsdp 1 x tensor 1, but this start resolves "
           "mesh.data/fsdp/tensor to data 1 x fsdp 1 x tensor 1") in proc.stderr
-  assert _snapshot(ref_dir) == before
+  assert _snapshot(smoke_reference) == before
+
+
+def _env(cache_dir, **extra):
+  env = dict(os.environ)
+  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONPATH=ROOT)
+  env.update(extra)
+  return env
 
 
 def _free_port():
@@ -258,24 +364,26 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(reference_run, tmp_path):
-  """2 CPU processes x 1 device (jax.distributed over gloo) vs 1 process x 2 fake devices."""
-  one, cache = reference_run
+def test_two_processes_match_one(smoke_reference, smoke_cache, tmp_path):
+  """2 CPU processes x 1 device (jax.distributed over gloo) vs 1 process x 2 fake devices, on
+  one iteration (the reference's checkpoint 1)."""
   two = tmp_path / "two"
   port = _free_port()
   cmd = [sys.executable, "-m", "eva_jax.main", "--config=configs/default.py:smoke",
          f"--workdir={two}", "--config.checkpoint.use_async=True"]
   procs = [subprocess.Popen(cmd, cwd=ROOT, env=_env(
-      cache, XLA_FLAGS="", EVA_COORDINATOR=f"127.0.0.1:{port}", EVA_NUM_PROCESSES="2",
+      smoke_cache, XLA_FLAGS="", EVA_COORDINATOR=f"127.0.0.1:{port}", EVA_NUM_PROCESSES="2",
       EVA_PROCESS_ID=str(i)),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  _, params_one = _final_params(one)
-  _, params_two = _final_params(two)
+  _, params_one = _checkpoint_arrays(smoke_reference, 1)
+  _, params_two = _checkpoint_arrays(two, 1)
+  assert len(params_one) == len(params_two)
   for a, b in zip(params_one, params_two):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-  assert _artifacts(one).keys() == _artifacts(two).keys()
-  assert (json.loads((one / "iter_000" / "pairs.json").read_text())
+  one_iteration = {k for k in _artifacts(smoke_reference) if k.startswith("iter_000/")}
+  assert _artifacts(two).keys() == one_iteration
+  assert (json.loads((smoke_reference / "iter_000" / "pairs.json").read_text())
           == json.loads((two / "iter_000" / "pairs.json").read_text()))

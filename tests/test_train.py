@@ -65,6 +65,12 @@ def _as_numpy(tree):
   return jax.tree.map(np.asarray, tree)
 
 
+def _first_moment_grads(state) -> list:
+  """The gradients of a first AdamW step, read from its first moment mu = (1 - b1) * g."""
+  mu = state.opt_state[1][0].mu  # chain(clip_by_global_norm, adamw): adamw's scale_by_adam.
+  return [np.asarray(x) / (1 - OPT_CFG.b1) for x in jax.tree.leaves(mu)]
+
+
 def _max_diff(a, b):
   return max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -92,7 +98,7 @@ def single(params0, batch):
   state = train_state.init_train_state(CONFIG, optimizer, mesh, params=params0)
   state, metrics = step(state, batch)
   return dict(step=step, optimizer=optimizer, mesh=mesh, params=_as_numpy(state.params),
-              metrics=_as_numpy(metrics))
+              grads=_first_moment_grads(state), metrics=_as_numpy(metrics))
 
 
 # --- batches ---------------------------------------------------------------------------------
@@ -209,9 +215,18 @@ def test_sharded_update_equals_single_device(shape, bucket, params0, batch, sing
   state = train_state.init_train_state(CONFIG, optimizer, mesh, params=params0)
   assert jax.tree.leaves(state.opt_state)[1].sharding == jax.tree.leaves(state.params)[0].sharding
   state, metrics = step(state, batch)
-  diff = _max_diff(state.params, single["params"])
-  print(f"mesh {shape}: max |param diff| = {diff:.2e}")
-  assert diff <= 1e-5
+  # Sharding may only change the summation order: the gradients agree to float32 rounding.
+  grads = _first_moment_grads(state)
+  for g, g_single in zip(grads, single["grads"]):
+    np.testing.assert_allclose(g, g_single, rtol=1e-4, atol=1e-6 * np.abs(g_single).max())
+  # A first Adam step moves a weight by lr * g / (|g| + eps), eps = 1e-8. Where |g| is within a
+  # few eps that ratio turns a rounding-level change of g into up to ~1 % of lr, so the weights
+  # are compared where the step is well conditioned (|g| >= 1e-6); there they agree to ~1e-8.
+  diff = max(float(np.abs(np.asarray(p) - q)[np.abs(g) >= 1e-6].max(initial=0.0))
+             for p, q, g in zip(jax.tree.leaves(state.params), jax.tree.leaves(single["params"]),
+                             grads))
+  print(f"mesh {shape}: max |param diff| where |g| >= 1e-6 = {diff:.2e}")
+  assert diff <= 1e-6
   assert abs(float(metrics["loss"]) - single["metrics"]["loss"]) <= 1e-6
   assert int(state.step) == 1
 

@@ -24,6 +24,7 @@ MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 class ModelConfig:
   """Decoder hyperparameters. Sizes in units of elements; dtypes as jnp dtype names."""
 
+  # A key of FAMILY_FEATURES: it picks the HF table; the model code reads only the features.
   family: str
   vocab_size: int
   hidden_size: int
@@ -221,6 +222,7 @@ def mistral_7b(**kw) -> ModelConfig:
 _TINY_EXTRAS = {
     "gemma2": dict(sliding_window=8, query_pre_attn_scalar=16),
     "qwen2": dict(tie_embeddings=True),
+    "mistral": dict(sliding_window=8),
 }
 
 

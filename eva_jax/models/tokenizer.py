@@ -49,7 +49,8 @@ _CHAT_TEMPLATE = (
 MAX_TEMPLATE_STEPS = 5_000_000
 # The load-time probe: the rendered chat must contain this user prompt.
 _PROBE_PROMPT = "Hello there"
-_HASH_FILE = "eva_settings.sha256"
+# A cached tokenizer folder holds the hash of the settings and corpus it was trained from.
+HASH_FILE = "eva_settings.sha256"
 # Bump when the conversion below changes, so that cached tokenizers are rebuilt.
 _FORMAT_VERSION = 1
 
@@ -348,7 +349,7 @@ def train_sentencepiece(texts: Sequence[str], workdir: str, vocab_size: int = 25
   for text in texts:
     digest.update(text.encode() + b"\0")
   digest = digest.hexdigest()
-  hash_file = os.path.join(folder, _HASH_FILE)
+  hash_file = os.path.join(folder, HASH_FILE)
   if os.path.isfile(hash_file):
     with open(hash_file) as f:
       if f.read().strip() == digest:
@@ -366,7 +367,7 @@ def train_sentencepiece(texts: Sequence[str], workdir: str, vocab_size: int = 25
     json.dump(dict(config, tokenizer_class="PreTrainedTokenizerFast"), f, indent=2)
   with open(os.path.join(tmp, "spm.model"), "wb") as f:
     f.write(processor.serialized_model_proto())
-  with open(os.path.join(tmp, _HASH_FILE), "w") as f:
+  with open(os.path.join(tmp, HASH_FILE), "w") as f:
     f.write(digest)
   if os.path.isdir(folder):
     shutil.rmtree(folder)
