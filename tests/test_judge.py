@@ -114,6 +114,18 @@ def test_sharded_scores_equal_unsharded(llama):
                       **dict(kwargs, batch_size=6))
 
 
+def test_judge_is_the_registered_judge_scorer(llama):
+  import ml_collections
+  _, path = llama
+  cfg = ml_collections.ConfigDict(dict(path=path, max_length=512, batch_size=8,
+                                       truncated_penalty=0.0))
+  scorer = reward.SCORERS.get("judge")(cfg, source=None)
+  direct = judge.JudgeScorer(*hf.load(path), load_tokenizer(path), max_length=512, batch_size=8)
+  assert isinstance(scorer, judge.JudgeScorer)
+  np.testing.assert_array_equal(scorer.score(PROMPTS, RESPONSES),
+                                direct.score(PROMPTS, RESPONSES))
+
+
 def test_long_pairs_are_cut_to_max_length(llama):
   _, path = llama
   scorer = judge.JudgeScorer(*hf.load(path), load_tokenizer(path), template=SHORT_TEMPLATE,
