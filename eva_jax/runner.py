@@ -22,63 +22,12 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from absl import logging
 import ml_collections
 import numpy as np
 
-from eva_jax import config_check, console, context, creator, export, fileio, report, sources
-from eva_jax import stages
+from eva_jax import config_check, console, context, creator, export, fileio, report, stages
 from eva_jax import workdir as wd
 from eva_jax.buffer import PromptBuffer
-
-_RUN_FILES = ("metrics.jsonl", "report.md", "config.json", config_check.RUN_INFO)
-
-
-def _read_cached(path: str, read):
-  """The artifact under `path`, or None when it is missing or corrupt (zero bytes, truncated):
-  stage artifacts are a cache of deterministic stages, so a corrupt one is recomputed, with a
-  warning naming it, and rewritten with the same bytes."""
-  if not fileio.exists(path):
-    return None
-  try:
-    return read(path)
-  except wd.CorruptArtifact as e:
-    logging.warning("%s; recomputing it", e)
-    return None
-
-
-def _cached(path: str, read, write, compute):
-  value = _read_cached(path, read)
-  if value is not None:
-    return value
-  try:
-    value = compute()
-  except wd.CorruptArtifact as e:
-    if fileio.exists(path):  # The recompute needed something that is gone: name what failed.
-      raise wd.CorruptArtifact(path, f"unreadable, and recomputing it failed: {e}") from e
-    raise
-  write(path, value)
-  return value
-
-
-def _cached_json(path: str, compute):
-  return _cached(path, wd.read_json, wd.write_json, compute)
-
-
-def _cached_npz(path: str, compute) -> dict:
-  return _cached(path, wd.read_npz, lambda p, v: wd.write_npz(p, **v), compute)
-
-
-def _load_buffer(path: str) -> PromptBuffer:
-  """The prompt buffer an iteration hands on. It cannot be recomputed once its iteration's
-  checkpoint is pruned, so an unreadable one stops the run with one error naming it."""
-  try:
-    if not fileio.read_bytes(path):
-      raise ValueError("empty file (0 bytes)")
-    return PromptBuffer.load(path)
-  except ValueError as e:
-    raise wd.CorruptArtifact(path, str(e)) from None
-
 
 def _generate_scored(ctx, policy, t: int, name: str, prompts: list[str]) -> tuple:
   """generate + score for a prompt list, each an artifact; returns (gen dict, rewards [P, N])."""
@@ -92,13 +41,13 @@ def _generate_scored(ctx, policy, t: int, name: str, prompts: list[str]) -> tupl
     gen["texts_json"] = np.asarray(json.dumps(gen.pop("texts")))
     return gen
   with console.Stage(ctx.metrics, name, t) as st:
-    gen = dict(_cached_npz(ctx.path(t, f"{name}.npz"), st.compute(compute)))
+    gen = dict(wd.cached_npz(ctx.path(t, f"{name}.npz"), st.compute(compute)))
     st.note(prompts=len(prompts), samples=int(np.size(gen["finished"])),
             finished=float(np.mean(gen["finished"])))
   gen["texts"] = json.loads(str(gen.pop("texts_json")))
   scored = name.replace("generate", "score")
   with console.Stage(ctx.metrics, scored, t) as st:
-    scores = _cached_npz(ctx.path(t, f"{name}_scores.npz"), st.compute(lambda: {
+    scores = wd.cached_npz(ctx.path(t, f"{name}_scores.npz"), st.compute(lambda: {
         "rewards": stages.score(ctx.scorer, prompts, gen, progress=console.bar, desc=scored)}))
     st.note(mean_reward=float(np.mean(scores["rewards"])))
   return gen, scores["rewards"]
@@ -127,7 +76,7 @@ def _warm_start(ctx) -> None:
 
 def _create(ctx, policy, t: int, prompts: list[dict], rewards, info) -> dict:
   c, prev = ctx.config, ctx.path(t - 1, "buffer.jsonl")
-  buffer = _load_buffer(prev) if t > 0 and fileio.exists(prev) else PromptBuffer()
+  buffer = wd.load_buffer(prev) if t > 0 and fileio.exists(prev) else PromptBuffer()
   buffer, created = stages.create(
       buffer, [p["text"] for p in prompts], rewards, info, iteration=t, creator_cfg=c.creator,
       evolver=ctx.evolver(policy), rng=stages.stage_rng(c.seed, t, "create"),
@@ -143,13 +92,13 @@ def _iteration(ctx, t: int, baseline: Optional[dict]) -> dict:
   latest = ctx.checkpoints.latest()
   # Finished: evaluated, and θ_{t+1} (or a later checkpoint: keep-N drops old ones) is saved.
   if latest is not None and latest >= t + 1:
-    done = _read_cached(done_path, wd.read_json)
+    done = wd.read_cached(done_path, wd.read_json)
     if done is not None:
       console.say(console.stage_line("all stages", t, None,
                                      {"heldout_reward": done["heldout_reward"]}))
       return done
   policy = ctx.policy_at(t)
-  prompts = _cached_json(ctx.path(t, "prompts.json"), lambda: [
+  prompts = wd.cached_json(ctx.path(t, "prompts.json"), lambda: [
       {"text": p.text, "id": p.id} for p in ctx.source.base_prompts(t)])
   texts = [p["text"] for p in prompts]
   gen, rewards = _generate_scored(ctx, policy, t, "generate", texts)
@@ -158,7 +107,7 @@ def _iteration(ctx, t: int, baseline: Optional[dict]) -> dict:
   evolved_pairs, info = [], creator.informativeness(rewards, c.creator.metric)
   if c.creator.enabled:
     with console.Stage(ctx.metrics, "create", t) as st:
-      created = _cached_json(ctx.path(t, "create.json"),
+      created = wd.cached_json(ctx.path(t, "create.json"),
                              st.compute(lambda: _create(ctx, policy, t, prompts, rewards, info)))
       rejected = created.get("rejected", {})
       st.note(selected=len(created["selected"]), evolved=len(created["evolved"]),
@@ -168,14 +117,14 @@ def _iteration(ctx, t: int, baseline: Optional[dict]) -> dict:
       evolved_pairs = stages.best_worst_pairs(created["evolved"], gen_e, rewards_e, "evolved",
                                               min_chosen_reward=floor)
   with console.Stage(ctx.metrics, "pairs", t) as st:
-    pairs = _cached_json(ctx.path(t, "pairs.json"), st.compute(lambda: stages.mix(
+    pairs = wd.cached_json(ctx.path(t, "pairs.json"), st.compute(lambda: stages.mix(
         base_pairs, evolved_pairs, stages.stage_rng(c.seed, t, "pairs"), creator_cfg=c.creator,
         num_pairs=c.train.num_pairs)))
     st.note(pairs=len(pairs), base=sum(p["source"] == "base" for p in pairs),
             evolved=sum(p["source"] == "evolved" for p in pairs),
             evolved_available=len(evolved_pairs), mean_informativeness=float(np.mean(info)))
   with console.Stage(ctx.metrics, "reference", t) as st:
-    ref = _cached_npz(ctx.path(t, "reference.npz"), st.compute(
+    ref = wd.cached_npz(ctx.path(t, "reference.npz"), st.compute(
         lambda: stages.reference(policy, pairs, train_cfg=c.train, progress=console.bar)))
     st.note(pairs=len(pairs))
   with console.Stage(ctx.metrics, "train", t) as st:
@@ -203,7 +152,7 @@ def _iteration(ctx, t: int, baseline: Optional[dict]) -> dict:
                     **{f"level_{k}": v for k, v in out["heldout_by_level"].items()})
     return out
   with console.Stage(ctx.metrics, "evaluate", t) as st:
-    result = _cached_json(done_path, st.compute(evaluate))
+    result = wd.cached_json(done_path, st.compute(evaluate))
     st.note(heldout_reward=result["heldout_reward"],
             **({"win_rate": result["win_rate"]} if result["win_rate"] is not None else {}))
   return result
@@ -219,23 +168,13 @@ def _evaluate(ctx, policy, t: int) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the experiment in `workdir`; returns the last evaluation summary."""
   c = config
-  config_check.validate(c)
-  source = sources.make(c)  # Refuses a prompt set too small for the run before any writing.
-  wd.check_writable(workdir)
-  config_check.check_workdir_config(c, fileio.join(workdir, "config.json"))
-  mesh = context.make_mesh(c.mesh)
-  run_info = {"mesh": context.mesh_shape(mesh)}
-  config_check.check_workdir_run_info(c, run_info, fileio.join(workdir, config_check.RUN_INFO))
-  if c.overwrite and wd.is_writer():
-    _clear(workdir)
-  wd.write_json(fileio.join(workdir, "config.json"), json.loads(c.to_json()))
-  wd.write_json(fileio.join(workdir, config_check.RUN_INFO), run_info)
+  source, mesh = config_check.prepare_run(c, workdir)
   ctx = context.setup(c, workdir, source, mesh)
   try:
     _warm_start(ctx)
     ctx.policy = ctx.policy.with_params(None)  # θ_t comes from the checkpoints from here on.
     with console.Stage(ctx.metrics, "evaluate", -1) as st:
-      base = _cached_json(ctx.path(0, "evaluate_warmstart.json"),
+      base = wd.cached_json(ctx.path(0, "evaluate_warmstart.json"),
                           st.compute(lambda: _evaluate(ctx, ctx.policy_at(0), -1)))
       st.note(heldout_reward=base["heldout_reward"])
     ctx.metrics.log("eval", 0, heldout_reward=base["heldout_reward"],
@@ -252,16 +191,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _report(ctx, summaries: list[dict]) -> None:
   ctx.metrics.flush()  # The report reads the stage times from metrics.jsonl.
   last = ctx.path(len(summaries) - 2, "buffer.jsonl")
-  lineage = _load_buffer(last).lineage_counts() if fileio.exists(last) else {}
+  lineage = wd.load_buffer(last).lineage_counts() if fileio.exists(last) else {}
   report.write_report(ctx.workdir, [
       {"iteration": s["iteration"], "rewards": s.get("sample_rewards", []),
        "informativeness": s.get("informativeness", []), "heldout_reward": s["heldout_reward"],
        "heldout_by_level": s["heldout_by_level"], "win_rate": s.get("win_rate")}
       for s in summaries], lineage, decode=ctx.policy.tokenizer.decode)
-
-
-def _clear(workdir: str) -> None:
-  """--config.overwrite: removes a previous run's artifacts (only what the runner writes)."""
-  for name in fileio.listdir(workdir):
-    if name.startswith("iter_") or name in ("checkpoints", "tb", "plots") + _RUN_FILES:
-      fileio.remove(fileio.join(workdir, name))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import time
 import uuid
@@ -25,6 +26,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from eva_jax import fileio
+from eva_jax.buffer import PromptBuffer
+
+log = logging.getLogger(__name__)
 
 
 def is_writer() -> bool:
@@ -104,6 +108,56 @@ def check_writable(workdir: str) -> None:
   except OSError as e:
     raise PermissionError(f"workdir {os.fspath(workdir)!r} is not writable: "
                           f"{e.strerror or e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage-artifact cache: the runner's stages read their artifact when it exists.
+
+
+def read_cached(path: str, read):
+  """The artifact under `path`, or None when it is missing or corrupt (zero bytes, truncated):
+  stage artifacts are a cache of deterministic stages, so a corrupt one is recomputed, with a
+  warning naming it, and rewritten with the same bytes."""
+  if not fileio.exists(path):
+    return None
+  try:
+    return read(path)
+  except CorruptArtifact as e:
+    log.warning("%s; recomputing it", e)
+    return None
+
+
+def _cached_artifact(path: str, read, write, compute):
+  value = read_cached(path, read)
+  if value is not None:
+    return value
+  try:
+    value = compute()
+  except CorruptArtifact as e:
+    if fileio.exists(path):  # The recompute needed something that is gone: name what failed.
+      raise CorruptArtifact(path, f"unreadable, and recomputing it failed: {e}") from e
+    raise
+  write(path, value)
+  return value
+
+
+def cached_json(path: str, compute):
+  return _cached_artifact(path, read_json, write_json, compute)
+
+
+def cached_npz(path: str, compute) -> dict:
+  return _cached_artifact(path, read_npz, lambda p, v: write_npz(p, **v), compute)
+
+
+def load_buffer(path: str) -> PromptBuffer:
+  """The prompt buffer an iteration hands on. It cannot be recomputed once its iteration's
+  checkpoint is pruned, so an unreadable one stops the run with one error naming it."""
+  try:
+    if not fileio.read_bytes(path):
+      raise ValueError("empty file (0 bytes)")
+    return PromptBuffer.load(path)
+  except ValueError as e:
+    raise CorruptArtifact(path, str(e)) from None
 
 
 class _ObjectStoreEventFile:

@@ -122,3 +122,13 @@ def pytest_make_collect_report(collector):
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
     report.outcome = "failed"
     report.longrepr = f"skipped in CI, which must run every test: {reason}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+  """With `-n 2 --dist loadgroup` (the README's command) each test module runs whole on one
+  worker, so its module-scoped fixtures (compiled steps, built models) are made once; tests that
+  share the session's smoke reference run carry the group "smoke" and run beside it."""
+  for item in items:
+    if not any(True for _ in item.iter_markers("xdist_group")):
+      item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -220,6 +220,7 @@ def _checkpoint_arrays(workdir, step):
   return [np.asarray(x) for x in jax.tree.leaves(restored)]
 
 
+@pytest.mark.xdist_group("smoke")  # Beside the smoke reference run (conftest.py).
 def test_smoke_run_resumed_after_sigkill_on_gcs_matches_local(gcs_emulator, gcs_workdir,
                                                               smoke_reference, run_smoke,
                                                               tmp_path):

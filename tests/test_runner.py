@@ -19,6 +19,8 @@ from configs import default as default_config
 from eva_jax import config_check, runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# With pytest-xdist, on the worker that runs the session's smoke reference (conftest.py).
+pytestmark = pytest.mark.xdist_group("smoke")
 
 
 def _snapshot(folder):
