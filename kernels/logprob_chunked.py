@@ -20,8 +20,8 @@ DEFAULT_BLOCK_V = 2048
 
 
 @dataclasses.dataclass(frozen=True)
-class _ChunkSpec:
-  """Static (hashable) settings of one chunked call."""
+class ChunkSpec:
+  """Static (hashable) settings of one chunked call (the Pallas call's extend them)."""
   softcap: float | None
   with_entropy_grad: bool
   block_v: int
@@ -260,8 +260,8 @@ def chunked_target_logprobs(hidden_NxD, w_out_DxV, targets_N, *, softcap=None,
   """
   validate_inputs(hidden_NxD, w_out_DxV, targets_N, softcap)
   block_v = min(validate_block("block_v", block_v), w_out_DxV.shape[1])
-  spec = _ChunkSpec(softcap=None if softcap is None else float(softcap),
-                    with_entropy_grad=bool(return_entropy), block_v=block_v)
+  spec = ChunkSpec(softcap=None if softcap is None else float(softcap),
+                   with_entropy_grad=bool(return_entropy), block_v=block_v)
   dtype = common_dtype(hidden_NxD, w_out_DxV)
   logprob_N, entropy_N = _chunked(hidden_NxD.astype(dtype), w_out_DxV.astype(dtype),
                                   targets_N.astype(jnp.int32), spec)

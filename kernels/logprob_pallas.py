@@ -39,12 +39,10 @@ _GPU_BLOCK_D = 64
 
 
 @dataclasses.dataclass(frozen=True)
-class _PallasSpec:
-  """Static (hashable) settings of one Pallas call."""
-  softcap: float | None
-  with_entropy_grad: bool
+class _PallasSpec(chunked.ChunkSpec):
+  """Static (hashable) settings of one Pallas call: the chunked walk's (softcap,
+  with_entropy_grad, block_v: the kernel's vocabulary tile) and the kernel's own."""
   block_n: int
-  block_v: int
   block_d: int
   bwd_block_v: int
   interpret: bool
