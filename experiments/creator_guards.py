@@ -7,7 +7,7 @@ guard on (`reject_answers=True`), and writes one JSON line per candidate (text, 
 step, the two verdicts) to `--out`. The hand labels and the table (creator_guards.md) are added
 by hand afterwards.
 
-  python experiments/results/creator_guards.py --out /tmp/creator_guards_raw.jsonl
+  python experiments/creator_guards.py --out /tmp/creator_guards_raw.jsonl
 """
 import argparse
 import json
