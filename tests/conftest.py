@@ -100,28 +100,27 @@ def smoke_reference(tmp_path_factory, run_smoke):
   return workdir
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-  """In CI (the `CI` variable set) a skipped test fails: every test here can run on a fresh
+def _fail_if_skipped_in_ci(report) -> None:
+  """In CI (the `CI` variable set) a skip becomes a failure: every test here can run on a fresh
   machine once `.ci/run` has installed the test extras, so a skip there means something the
   tests need is missing (torch, the real model, the shared prompts), not that they passed."""
-  outcome = yield
-  report = outcome.get_result()
   if os.environ.get("CI") and report.skipped:
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
     report.outcome = "failed"
     report.longrepr = f"skipped in CI, which must run every test: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  outcome = yield
+  _fail_if_skipped_in_ci(outcome.get_result())
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
   """The same for a whole module skipped while it is collected (a module-level importorskip)."""
   outcome = yield
-  report = outcome.get_result()
-  if os.environ.get("CI") and report.skipped:
-    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-    report.outcome = "failed"
-    report.longrepr = f"skipped in CI, which must run every test: {reason}"
+  _fail_if_skipped_in_ci(outcome.get_result())
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -17,6 +17,7 @@ from eva_jax import export
 from eva_jax import fileio
 from eva_jax import report
 from eva_jax import workdir as wd
+from tests import checkpoints
 
 
 def _blob(url: str) -> bytes:
@@ -206,20 +207,6 @@ def test_check_writable(gcs_workdir):
 # --- end to end: the smoke run on gs://, killed and resumed, against the local reference ---
 
 
-def _checkpoint_arrays(workdir, step):
-  """Checkpoint `step`'s arrays, restored onto one device without a target tree."""
-  import orbax.checkpoint as ocp
-  path = fileio.absolute(workdir) / "checkpoints" / str(step) / "default"
-  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as ckpt:
-    meta = ckpt.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
-                          meta, is_leaf=lambda m: hasattr(m, "shape"))
-    restored = ckpt.restore(path, target)
-  return [np.asarray(x) for x in jax.tree.leaves(restored)]
-
-
 @pytest.mark.xdist_group("smoke")  # Beside the smoke reference run (conftest.py).
 def test_smoke_run_resumed_after_sigkill_on_gcs_matches_local(gcs_emulator, gcs_workdir,
                                                               smoke_reference, run_smoke,
@@ -238,8 +225,8 @@ def test_smoke_run_resumed_after_sigkill_on_gcs_matches_local(gcs_emulator, gcs_
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert sorted(s for s in fileio.listdir(f"{gcs_workdir}/checkpoints") if s.isdigit()) == \
       ["0", "1"]
-  params = _checkpoint_arrays(gcs_workdir, 1)
-  ref_params = _checkpoint_arrays(str(smoke_reference), 1)
+  _, params = checkpoints.checkpoint_arrays(gcs_workdir, 1)
+  _, ref_params = checkpoints.checkpoint_arrays(str(smoke_reference), 1)
   assert len(params) == len(ref_params)
   for a, b in zip(params, ref_params):
     np.testing.assert_array_equal(a, b)  # Bit for bit.

@@ -17,6 +17,7 @@ import pytest
 
 from configs import default as default_config
 from eva_jax import config_check, runner
+from tests import checkpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # With pytest-xdist, on the worker that runs the session's smoke reference (conftest.py).
@@ -171,24 +172,6 @@ def test_a_different_resolved_mesh_is_refused(tmp_path):
 # --- end to end in subprocesses (conftest.py: run_smoke, smoke_reference) ---
 
 
-def _checkpoint_arrays(workdir, step=None):
-  """(step, leaves) of checkpoint `step` (default: the last), read back with Orbax onto one
-  device without a target tree, whatever topology wrote it."""
-  import jax
-  import orbax.checkpoint as ocp
-  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
-  step = steps[-1] if step is None else step
-  path = os.path.join(workdir, "checkpoints", str(step), "default")
-  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as ckpt:
-    meta = ckpt.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
-                          meta, is_leaf=lambda m: hasattr(m, "shape"))
-    restored = ckpt.restore(path, target)
-  return step, [np.asarray(x) for x in jax.tree.leaves(restored)]
-
-
 def _artifacts(workdir):
   """Every stage artifact (everything under iter_*), by content."""
   snap = _snapshot(workdir)
@@ -197,8 +180,8 @@ def _artifacts(workdir):
 
 def _assert_same_run(workdir, ref_dir):
   """Final params bit for bit, every stage artifact byte for byte, the same checkpoints kept."""
-  step, params = _checkpoint_arrays(workdir)
-  ref_step, ref_params = _checkpoint_arrays(ref_dir)
+  step, params = checkpoints.checkpoint_arrays(workdir)
+  ref_step, ref_params = checkpoints.checkpoint_arrays(ref_dir)
   assert step == ref_step and len(params) == len(ref_params)
   for a, b in zip(params, ref_params):
     np.testing.assert_array_equal(a, b)  # Bit for bit.
@@ -380,8 +363,8 @@ def test_two_processes_match_one(smoke_reference, smoke_cache, tmp_path):
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  _, params_one = _checkpoint_arrays(smoke_reference, 1)
-  _, params_two = _checkpoint_arrays(two, 1)
+  _, params_one = checkpoints.checkpoint_arrays(smoke_reference, 1)
+  _, params_two = checkpoints.checkpoint_arrays(two, 1)
   assert len(params_one) == len(params_two)
   for a, b in zip(params_one, params_two):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
