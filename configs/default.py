@@ -20,6 +20,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # Devices: one mesh (data, fsdp, tensor); -1 = the rest of the devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Where each logical axis the models name goes on the mesh: comma-joined mesh axes, "" for
+  # replicated (eva_jax.sharding.rules_from_config reads it; its DEFAULT_RULES are these).
+  # Parameters: fsdp along `embed`, tensor along heads / mlp / vocab (Megatron-style);
+  # activations: the batch over data+fsdp. E.g. --config.mesh.rules.embed="" replicates it.
+  c.mesh.rules = ml_collections.ConfigDict(dict(
+      act_batch="data,fsdp", act_len="", act_embed="", act_heads="tensor",
+      act_kv_heads="tensor", act_mlp="tensor", act_vocab="tensor", layers="", vocab="tensor",
+      embed="fsdp", heads="tensor", kv_heads="tensor", head_dim="", mlp="tensor", norm=""))
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "sentencepiece"  # "sentencepiece" (trained on the fly) or "hf" (a folder).
@@ -80,6 +88,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.creator.evolver = "synthetic"  # "synthetic" or "lm" (rewrite with a language model).
   c.creator.num_evolutions = 4  # Chained evolutions per selected prompt, every step kept.
   c.creator.depth_prob = 0.5  # Synthetic evolver: in-depth vs in-breadth.
+  # LM evolver's sampling of each rewrite. The authors rewrote with gpt-4-0125-preview at
+  # temperature 0.88 and 666 new tokens; ours default to the solver's sampling settings.
+  c.creator.temperature = 0.7  # Sampling temperature of the creator's replies.
+  c.creator.top_p = 0.9  # Nucleus sampling of the creator's replies (1.0 = off).
+  c.creator.max_new_tokens = 1024  # Reply budget per rewrite, in creator tokens.
   # Share of base-prompt pairs among the training pairs (paper: 0.2). Half here: with 20 % the
   # tiny policy lost reward on the easy levels (measured at 512 prompts: mean gain -0.014 vs
   # +0.004 with half).
@@ -99,6 +112,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.optimizer = "adamw"  # "adamw" or "rmsprop" (SPPO).
   c.train.learning_rate = 1e-4
   c.train.warmup_ratio = 0.1
+  # The decay after the warm-up: "cosine" (eva's DPO) or "linear" to 0 (the SPPO authors').
+  c.train.schedule = "cosine"
   c.train.weight_decay = 0.0
   c.train.grad_clip = 1.0
   c.train.epochs = 2
@@ -108,6 +123,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # A prompt gives a pair only when its best response scores at least this (-inf: always, as
   # in the paper). 1.0: the chosen answer is exactly right, so the NLL term teaches no errors.
   c.train.min_chosen_reward = 1.0
+  # Soft SPPO's targets: each response's win probability against the policy, the mean over the
+  # prompt's N samples of σ(scale · reward difference); our stand-in for PairRM (scale 1 for
+  # Bradley-Terry rewards such as Skywork's; other reward scales may want another).
+  c.train.win_prob_scale = 1.0
   c.train.max_length = 64
   c.train.max_prompt_length = 40
   c.train.logprob_impl = "auto"  # Fused log-prob kernel: auto, pallas, chunked, reference.

@@ -1,11 +1,14 @@
-"""The paper's grid: gemma-2-9b-it, {dpo, sppo_hard, simpo, orpo} x {static, eva}, on TPU.
+"""The paper's grid: gemma-2-9b-it, {dpo, sppo, simpo, orpo, rpo, ipo} x {static, eva}, on TPU.
 
 arg = "<loss>,<prompts>[,<slice>][,<reward model>]":
-  loss          dpo | sppo_hard | simpo | orpo
+  loss          dpo | sppo | sppo_hard | simpo | orpo | rpo | ipo
   prompts       eva (the creator evolves prompts) | static (fresh UltraFeedback prompts instead)
   slice         v5p-8 (default) | v5e-64 | v5e-32: mesh and micro-batch sized by
                 experiments/memory_plan.py (v5e-32 does not fit yet: see SLICES)
-  reward model  skywork27b (default, Skywork-Reward-Gemma-2-27B-v0.2) | skywork8b (-Llama-3.1-8B)
+  reward model  armorm (default, ArmoRM-Llama3-8B-v0.1, the paper's, scored by its gated head:
+                reward.kind "armorm") | skywork27b (Skywork-Reward-Gemma-2-27B-v0.2, the paper's
+                reward-scaling option) | skywork8b (-Llama-3.1-8B); the Skywork ones are plain
+                sequence classifiers (reward.kind "neural")
 
 Launch on a TPU VM slice (every worker runs the same command; the workdir must be one folder
 that every host sees, e.g. a gcsfuse or Filestore mount: process 0 writes the stage artifacts
@@ -25,14 +28,24 @@ Settings and where they come from:
         1024 tokens, pairs to 2048 (eva's DPO); creator: gap informativeness, weighted
         selection of 25 %, 4 chained LM rewrites by the policy itself, 20 % base pairs.
   dpo   beta 0.05, AdamW lr 5e-7, cosine with 10 % warm-up, 2 epochs, batch 64 (eva authors).
-  sppo  beta 0.001, RMSprop (eva / SPPO authors); lr 5e-7 (SPPO authors' scripts/pipeline.sh);
-        the rest as dpo.
+  sppo  beta 0.001, RMSprop, lr 5e-7, linear schedule (10 % warm-up, then linear decay to 0),
+        2 epochs (the eva authors' iterative-sppo recipe; their Llama / Mistral evol recipes
+        run 6), batch 64. Soft targets: each response's win probability against the policy,
+        from its prompt's 6 samples (train.win_prob_scale; σ of reward differences stands in
+        for their PairRM).
+  sppo_hard  SPPO with win probabilities 1 / 0 (TRL's form): beta 0.001, RMSprop, lr 5e-7
+        (SPPO authors' scripts/pipeline.sh); the rest as dpo.
   simpo beta 10, gamma/beta 0.5, AdamW lr 8e-7, cosine 10 % warm-up, 1 epoch, batch 128 (SimPO
         authors' training_configs/gemma-2-9b-it-simpo.yaml).
   orpo  lambda (train.beta) 0.1 (ORPO authors' scripts and TRL's default). Neither the eva nor
         the ORPO authors publish a gemma-2-9b-it ORPO recipe; the ORPO authors' lr 5e-6 is for
         training a base model from scratch, so this uses the eva DPO schedule (lr 5e-7,
         2 epochs, batch 64). An assumption: sweep it.
+  rpo   beta 0.1, NLL weight alpha 1 on the length-normalised chosen NLL
+        (penalize_length_nll), cosine with 10 % warm-up, 1 epoch (eva authors); lr 5e-7 and
+        batch 64 as dpo.
+  ipo   beta 0.6, cosine with 10 % warm-up, 2 epochs (eva authors); lr 5e-7 and batch 64 as
+        dpo.
 Policy weights are float32 master weights with bfloat16 compute: at lr 5e-7 a bfloat16 weight
 of magnitude 0.02 (spacing 1.2e-4) would round every update away.
 
@@ -46,13 +59,15 @@ import ml_collections
 
 from configs import default
 
-LOSSES = ("dpo", "sppo_hard", "simpo", "orpo")
+LOSSES = ("dpo", "sppo", "sppo_hard", "simpo", "orpo", "rpo", "ipo")
 PROMPTS = ("eva", "static")
 MODEL_PATH = "/mnt/models/gemma-2-9b-it"
 PROMPTS_PATH = "/mnt/data/ultrafeedback_prompts.jsonl"
-REWARD_PATHS = {
-    "skywork27b": "/mnt/models/Skywork-Reward-Gemma-2-27B-v0.2",
-    "skywork8b": "/mnt/models/Skywork-Reward-Llama-3.1-8B-v0.2",
+# Reward model -> (reward.kind, local folder: weights, config.json and the model's tokenizer).
+REWARD_MODELS = {
+    "armorm": ("armorm", "/mnt/models/ArmoRM-Llama3-8B-v0.1"),
+    "skywork27b": ("neural", "/mnt/models/Skywork-Reward-Gemma-2-27B-v0.2"),
+    "skywork8b": ("neural", "/mnt/models/Skywork-Reward-Llama-3.1-8B-v0.2"),
 }
 # Per TPU slice: mesh (data, fsdp, tensor), pairs per batch shard (data x fsdp; per chip when
 # tensor is 1) in one micro-batch, and the reward
@@ -73,12 +88,15 @@ SLICES = {
     "v5e-32": dict(mesh=(1, 16, 2), pairs_per_device=1, reward_batch=32),
     "v5e-64": dict(mesh=(1, 64, 1), pairs_per_device=1, reward_batch=64),
 }
-# (train.beta, hparams, optimizer, learning rate, epochs, batch size) per loss.
+# (train.beta, hparams, optimizer, learning rate, epochs, batch size, schedule) per loss.
 LOSS_SETTINGS = {
-    "dpo": (0.05, {}, "adamw", 5e-7, 2, 64),
-    "sppo_hard": (0.001, {}, "rmsprop", 5e-7, 2, 64),
-    "simpo": (10.0, {"gamma_beta_ratio": 0.5}, "adamw", 8e-7, 1, 128),
-    "orpo": (0.1, {}, "adamw", 5e-7, 2, 64),
+    "dpo": (0.05, {}, "adamw", 5e-7, 2, 64, "cosine"),
+    "sppo": (0.001, {}, "rmsprop", 5e-7, 2, 64, "linear"),
+    "sppo_hard": (0.001, {}, "rmsprop", 5e-7, 2, 64, "cosine"),
+    "simpo": (10.0, {"gamma_beta_ratio": 0.5}, "adamw", 8e-7, 1, 128, "cosine"),
+    "orpo": (0.1, {}, "adamw", 5e-7, 2, 64, "cosine"),
+    "rpo": (0.1, {"alpha": 1.0, "penalize_length_nll": True}, "adamw", 5e-7, 1, 64, "cosine"),
+    "ipo": (0.6, {}, "adamw", 5e-7, 2, 64, "cosine"),
 }
 
 
@@ -91,15 +109,15 @@ def _parse(arg: str) -> tuple[str, str, str, str]:
     raise ValueError(f"configs/paper.py: loss {loss!r} is not one of {LOSSES}")
   if prompts not in PROMPTS:
     raise ValueError(f"configs/paper.py: prompts {prompts!r} is not one of {PROMPTS}")
-  slice_name, reward = "v5p-8", "skywork27b"
+  slice_name, reward = "v5p-8", "armorm"
   for part in rest:
     if part in SLICES:
       slice_name = part
-    elif part in REWARD_PATHS:
+    elif part in REWARD_MODELS:
       reward = part
     else:
       raise ValueError(f"configs/paper.py: {part!r} is neither a slice {tuple(SLICES)} nor a "
-                       f"reward model {tuple(REWARD_PATHS)}")
+                       f"reward model {tuple(REWARD_MODELS)}")
   return loss, prompts, slice_name, reward
 
 
@@ -125,8 +143,9 @@ def get_config(arg: str = "dpo,eva") -> ml_collections.ConfigDict:
   c.data.num_prompts = 10_000  # Base prompts per iteration.
   c.data.heldout_per_level = 500  # Held-out UltraFeedback prompts for the win rate.
 
-  c.reward.kind = "neural"
-  c.reward.path = REWARD_PATHS[reward]
+  c.reward.kind, c.reward.path = REWARD_MODELS[reward]
+  # The eva authors' reward step (src/reward_hf.py) scores truncated responses like any other.
+  c.reward.truncated_penalty = 0.0
   c.reward.batch_size = hw["reward_batch"]
   c.reward.max_length = 4096  # A 1024-token prompt + 2048-token response + template fit.
 
@@ -147,13 +166,14 @@ def get_config(arg: str = "dpo,eva") -> ml_collections.ConfigDict:
   c.creator.min_tokens = 4
   c.creator.max_tokens = 1024  # An evolved prompt must still fit train.max_prompt_length.
 
-  beta, hparams, optimizer, lr, epochs, batch = LOSS_SETTINGS[loss]
+  beta, hparams, optimizer, lr, epochs, batch, schedule = LOSS_SETTINGS[loss]
   c.train.loss = loss
   c.train.beta = beta
   c.train.hparams = ml_collections.ConfigDict(hparams)
   c.train.optimizer = optimizer
   c.train.learning_rate = lr
   c.train.warmup_ratio = 0.1
+  c.train.schedule = schedule
   c.train.weight_decay = 0.0
   c.train.grad_clip = 1.0
   c.train.epochs = epochs

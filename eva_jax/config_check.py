@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from eva_jax import context, creator, fileio, losses, reward, sources, train_state
+from eva_jax import context, creator, fileio, losses, reward, sharding, sources, train_state
 from eva_jax import workdir as wd
 from eva_jax.kernels.target_logprobs import IMPLS as LOGPROB_IMPLS
 from eva_jax.models.config import FAMILY_FEATURES
@@ -42,6 +42,7 @@ def _choices() -> dict[str, tuple]:
       "creator.selection": creator.SELECTORS.names(),
       "creator.evolver": creator.EVOLVERS.names(),
       "train.optimizer": train_state.OPTIMIZERS,
+      "train.schedule": train_state.SCHEDULES,
       "train.logprob_impl": LOGPROB_IMPLS,
   }
 
@@ -58,6 +59,10 @@ def _fail(field: str, why: str):
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field."""
+  try:
+    sharding.rules_from_config(c.mesh.rules)
+  except ValueError as e:
+    _fail("mesh.rules", str(e))
   for field, choices in _choices().items():
     value = _get(c, field)
     if value not in choices:
@@ -66,12 +71,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("train.loss", f"{c.train.loss!r} is not one of {', '.join(losses.available_losses())}")
 
   positive = ("iterations", "data.num_prompts", "sampling.max_new_tokens",
-              "sampling.max_prompt_length", "sampling.batch_size", "train.epochs", "train.batch_size", "train.grad_accum",
-              "train.num_pairs", "train.max_length", "train.max_prompt_length", "train.beta",
-              "train.learning_rate", "reward.batch_size", "reward.max_length",
+              "sampling.max_prompt_length", "sampling.batch_size", "train.epochs",
+              "train.batch_size", "train.grad_accum", "train.num_pairs", "train.max_length",
+              "train.max_prompt_length", "train.beta", "train.learning_rate",
+              "train.win_prob_scale", "reward.batch_size", "reward.max_length",
               "eval.max_new_tokens", "checkpoint.keep", "model.hidden_size",
               "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.head_dim",
-              "model.intermediate_size", "creator.num_evolutions")
+              "model.intermediate_size", "creator.num_evolutions", "creator.max_new_tokens")
   for field in positive:
     value = _get(c, field)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
@@ -95,6 +101,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("sampling.temperature", f"must be >= 0, got {c.sampling.temperature}")
   if not 0 < c.sampling.top_p <= 1:
     _fail("sampling.top_p", f"must lie in (0, 1], got {c.sampling.top_p}")
+  if c.creator.temperature < 0:
+    _fail("creator.temperature", f"must be >= 0, got {c.creator.temperature}")
+  if not 0 < c.creator.top_p <= 1:
+    _fail("creator.top_p", f"must lie in (0, 1], got {c.creator.top_p}")
   if c.train.max_prompt_length >= c.train.max_length:
     _fail("train.max_prompt_length", f"({c.train.max_prompt_length}) must be below "
           f"train.max_length ({c.train.max_length})")
@@ -108,7 +118,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     path = _get(c, field)
     if source == kind and not os.path.isdir(path):
       _fail(field, f"checkpoint folder {path!r} does not exist")
-  if c.reward.kind in ("neural", "judge") and not os.path.isdir(c.reward.path):
+  if c.reward.kind in ("neural", "armorm", "judge") and not os.path.isdir(c.reward.path):
     _fail("reward.path", f"checkpoint folder {c.reward.path!r} does not exist")
   if c.data.source == "jsonl":
     if not os.path.isfile(c.data.path):
@@ -123,6 +133,34 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("reward.kind", "the synthetic checker only scores synthetic prompts")
   if c.creator.evolver == "synthetic" and c.data.source != "synthetic":
     _fail("creator.evolver", "the synthetic evolver only rewrites synthetic prompts")
+  if "online" in c:
+    _validate_online(c)
+
+
+def _validate_online(c: ml_collections.ConfigDict) -> None:
+  """The `online` section (configs/online.py; eva_jax/online_loop.py)."""
+  o = c.online
+  for key in ("steps", "prompts_per_step", "max_new_tokens", "updates_per_step", "grad_accum",
+              "base_pool", "evolved_pool", "evolve_every", "eval_every", "checkpoint_every",
+              "log_every", "max_visits", "max_zero_visits", "warmup_steps", "num_samples"):
+    value = o[key]
+    lowest = {"num_samples": 2, "warmup_steps": 0, "evolved_pool": 0}.get(key, 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+      _fail(f"online.{key}", f"must be an int >= {lowest}, got {value!r}")
+  for key in ("learning_rate", "info_floor"):
+    if isinstance(o[key], bool) or not 0 < o[key] < math.inf:
+      _fail(f"online.{key}", f"must be a positive number, got {o[key]!r}")
+  if not 0 <= o.beta < math.inf:
+    _fail("online.beta", f"must be a finite number >= 0, got {o.beta!r}")
+  if not 0 < o.clip_eps < 1:
+    _fail("online.clip_eps", f"must lie in (0, 1), got {o.clip_eps!r}")
+  if not 0 <= o.base_ratio <= 1:
+    _fail("online.base_ratio", f"must lie in [0, 1], got {o.base_ratio!r}")
+  if math.isnan(o.solved_reward):
+    _fail("online.solved_reward", "must be a number (inf: never solved), got nan")
+  if o.base_pool < o.prompts_per_step:
+    _fail("online.base_pool", f"({o.base_pool}) must hold at least online.prompts_per_step "
+          f"({o.prompts_per_step}) prompts: a batch may be all base prompts")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -144,10 +182,10 @@ def check_workdir_config(c: ml_collections.ConfigDict, saved_path: str) -> None:
                    if k not in RESUMABLE_FIELDS and saved.get(k) != now.get(k))
   if changed:
     k = changed[0]
+    more = f"; and {len(changed) - 1} more" if len(changed) > 1 else ""
     raise ValueError(
         f"workdir holds a run with a different config ({k}: {saved.get(k)!r} there, "
-        f"{now.get(k)!r} now{'; and ' + str(len(changed) - 1) + ' more' if len(changed) > 1 else ''}"
-        "); use a new --workdir or pass --config.overwrite=True")
+        f"{now.get(k)!r} now{more}); use a new --workdir or pass --config.overwrite=True")
 
 
 def check_workdir_run_info(c: ml_collections.ConfigDict, run_info: dict, saved_path: str) -> None:

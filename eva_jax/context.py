@@ -19,7 +19,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from eva_jax import creator, fileio, models, reward, sharding, stages, synthetic, train_state
+from eva_jax import (console, creator, fileio, models, reward, sharding, stages, synthetic,
+                     train_state)
 from eva_jax import workdir as wd
 from eva_jax.models import hf
 from eva_jax.models import tokenizer as tokenizer_lib
@@ -76,7 +77,8 @@ class Context:
     opt_cfg = (stages.sft_optimizer_config(c.train, c.sft, 1) if step == 0
                else stages.optimizer_config(c.train, 1))
     optimizer = train_state.make_optimizer(opt_cfg)
-    shardings = train_state.state_shardings(policy.model_config, optimizer, policy.mesh)
+    shardings = train_state.state_shardings(policy.model_config, optimizer, policy.mesh,
+                                            policy.rules)
 
     def init():
       params = models.init_params(policy.model_config, jax.random.key(0))
@@ -88,7 +90,7 @@ class Context:
 
   def evolver(self, policy: stages.Policy) -> creator.Evolver:
     return creator.EVOLVERS.get(self.config.creator.evolver)(
-        self.config.creator, source=self.source, policy=policy)
+        self.config.creator, source=self.source, policy=policy, progress=console.bar)
 
   def close(self) -> None:
     self.checkpoints.close()
@@ -150,11 +152,11 @@ def _remote_tokenizer(corpus: list[str], remote: str, vocab_size: int):
   return tok
 
 
-def _policy(c, tok, mesh) -> stages.Policy:
+def _policy(c, tok, mesh, rules) -> stages.Policy:
   if c.model.source == "hf":
     config, params = hf.load(c.model.path, dtype=c.model.param_dtype, compute_dtype=c.model.dtype,
-                             shardings=sharding.param_shardings_for(mesh))
-    return stages.Policy(config.replace(remat=c.model.remat), params, tok, mesh)
+                             shardings=sharding.param_shardings_for(mesh, rules))
+    return stages.Policy(config.replace(remat=c.model.remat), params, tok, mesh, rules)
   m = c.model
   config = models.tiny(
       m.family, vocab_size=tok.vocab_size, hidden_size=m.hidden_size,
@@ -163,16 +165,17 @@ def _policy(c, tok, mesh) -> stages.Policy:
       bos_token_id=tok.bos_id, eos_token_ids=tuple(tok.eos_ids), param_dtype=m.param_dtype,
       dtype=m.dtype, remat=m.remat, max_position_embeddings=1024)
   params = jax.jit(lambda k: models.init_params(config, k),
-                   out_shardings=sharding.param_shardings(config, mesh))(
+                   out_shardings=sharding.param_shardings(config, mesh, rules))(
                        stages.stage_key(c.seed, -1, "init"))
-  return stages.Policy(config, params, tok, mesh)
+  return stages.Policy(config, params, tok, mesh, rules)
 
 
 def setup(c: ml_collections.ConfigDict, workdir: str, source, mesh) -> Context:
   """Tokenizer, policy, scorer, metrics and checkpoints of the run in `workdir`."""
-  policy = _policy(c, _tokenizer(c, workdir), mesh)
+  rules = sharding.rules_from_config(c.mesh.rules)
+  policy = _policy(c, _tokenizer(c, workdir), mesh, rules)
   scorer = reward.SCORERS.get(c.reward.kind)(c.reward, source=source, dtype=c.model.dtype,
-                                             mesh=mesh)
+                                             mesh=mesh, rules=rules)
   return Context(c, workdir, policy, source, scorer, wd.Metrics(workdir),
                  wd.Checkpoints(workdir, keep=max(2, c.checkpoint.keep),
                                 use_async=c.checkpoint.use_async))

@@ -89,8 +89,13 @@ def informativeness(rewards, metric: str = "gap") -> np.ndarray:
       mean      mean of r,
       maxmean   max r - mean r,
       loo       mean over i of |r_i - mean_{j != i} r_j|, the mean magnitude of the
-                leave-one-out advantage (we found no public definition in the authors' code;
-                this equals N / (N - 1) times the mean absolute deviation),
+                leave-one-out advantage (N / (N - 1) times the mean absolute deviation).
+                The authors' `reward_loo` (`leave_one_out` in their src/reward_hf.py) is
+                the mean of the signed advantages, mean_i (r_i - mean_{j != i} r_j), which is
+                0 for every prompt: with S = sum r, the advantages sum to
+                S - (N S - S) / (N - 1) = 0. Their values are float rounding noise (~1e-17),
+                and their sampler min-max normalises the metric over the prompts, so their
+                `loo` ablation selected by that noise; ours keeps the magnitudes,
       dts       best minus second-best reward (0 when the top two tie),
       gap_inv   1 - gap min-max normalised over the P prompts,
       mean_inv  1 - mean min-max normalised over the P prompts
@@ -340,16 +345,18 @@ class Evolver(Protocol):
     ...
 
 
-# Evolvers by name: factory(creator_cfg, *, source, policy) -> Evolver, where creator_cfg is the
-# config's `creator` section, source an `eva_jax.sources` prompt source and policy the current
-# `eva_jax.stages.Policy`. eva_jax.lm_evolver registers "lm".
+# Evolvers by name: factory(creator_cfg, *, source, policy, progress) -> Evolver, where
+# creator_cfg is the config's `creator` section, source an `eva_jax.sources` prompt source,
+# policy the current `eva_jax.stages.Policy` and progress a bar factory (the protocol of
+# `eva_jax.stages.no_progress`). eva_jax.lm_evolver registers "lm".
 EVOLVERS = registry.Registry("evolver")
 
 
 @EVOLVERS.register("synthetic")
-def source_evolver(creator_cfg, *, source, policy) -> Evolver:
-  """The prompt source's own programmatic evolver (the synthetic tasks have one)."""
-  del policy
+def source_evolver(creator_cfg, *, source, policy, progress=None) -> Evolver:
+  """The prompt source's own programmatic evolver (the synthetic tasks have one; it is fast and
+  shows no bar)."""
+  del policy, progress
   evolver = source.evolver(creator_cfg)
   if evolver is None:
     raise ValueError(f"creator.evolver 'synthetic': prompt source {source.name!r} has no "

@@ -87,6 +87,10 @@ _REPLY_OPENERS = (
     r"i can (?:help|assist)\b",
     r"let me (?:help|explain|rewrite|create|give|try|think|assist)\b",
     r"as an ai(?: language model| assistant| model)?\s*[,.]",
+    # Commentary on the rewrite before the new prompt (SmolLM2: "To make this request more
+    # challenging, I'll just modify the original to: ..."); "To make this function faster, ..."
+    # opens real prompts, so only the meta-request's own objects count.
+    r"to make (?:this|the|your) (?:original )?(?:request|prompt|question|task)\b",
 )
 # Phrases that place a reply to the meta-request anywhere in the text. Our templates call the
 # prompt a "request"; real prompts about prompt writing talk of "the revised prompt".
@@ -99,6 +103,8 @@ _REPLY_PHRASES = (
     r"\b(?:rewritten|revised|evolved|harder|new|modified|updated) version of (?:the|your|this) "
     r"(?:request|prompt|question)\b",
     r"\bi(?:'ve| have)? (?:rewritten|rewrote|revised|modified|changed) (?:the|your|it)\b",
+    r"\bi(?:'ll| will) (?:just )?(?:modify|rewrite|revise|change|rephrase) (?:the |your |this )?"
+    r"(?:original|request|prompt)\b",
     r"\bhere(?:'s| is| are) (?:the|a|an|my|your) (?:new|rewritten|revised|harder|updated|"
     r"modified|improved|evolved|more \w+) (?:request|prompt|version)s?\b",
 )

@@ -59,7 +59,8 @@ def _gather_last_two(config, params, tokens_BxT, mask_BxT, last_B, ids_K):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(config: models.ModelConfig, mesh):
+def _jitted(config: models.ModelConfig, mesh, rules):
+  del rules  # A key of the cache only: the rules shape the trace (see `label_logprobs`).
   out = None if mesh is None else sharding_lib.replicated(mesh)
   return jax.jit(functools.partial(_gather_last_two, config), out_shardings=out)
 
@@ -78,6 +79,7 @@ class JudgeScorer(reward.Scorer):
       (the response keeps its start, the prompt its start; the request's wording is kept).
     batch_size: sequences per forward (a multiple of the mesh's data * fsdp size).
     mesh: shard batches over it (params already placed on it).
+    rules: the run's logical-axis rules (`sharding.rules_from_config`).
     length_buckets: padded lengths (default: powers of two from 16, then max_length).
     truncated_penalty: see `reward.Scorer`.
   """
@@ -85,7 +87,8 @@ class JudgeScorer(reward.Scorer):
   def __init__(self, config: models.ModelConfig, params: dict, tokenizer, *,
                template: str = DEFAULT_TEMPLATE, scale: Sequence = range(1, 11),
                max_length: int = 2048, batch_size: int = 8, mesh=None,
-               length_buckets: Optional[Sequence[int]] = None, truncated_penalty: float = 0.0):
+               length_buckets: Optional[Sequence[int]] = None, truncated_penalty: float = 0.0,
+               rules=sharding_lib.DEFAULT_RULES):
     super().__init__(truncated_penalty=truncated_penalty)
     if config.is_reward_model:
       raise ValueError("JudgeScorer needs a causal LM; the config is a reward model "
@@ -106,6 +109,7 @@ class JudgeScorer(reward.Scorer):
       raise ValueError(f"length_buckets {buckets} must increase and reach max_length "
                        f"{max_length}")
     self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
+    self.rules = rules
     self.template, self.max_length, self.batch_size = template, max_length, batch_size
     self.length_buckets, self._batch_sizes = buckets, reward.batch_buckets(batch_size, multiple)
     self._plan_labels([str(s) for s in scale])
@@ -165,13 +169,13 @@ class JudgeScorer(reward.Scorer):
     lengths = [len(s) for s in seqs]
     plan = reward.plan_batches(lengths, batch_size=self.batch_size,
                                length_buckets=self.length_buckets, batch_sizes=self._batch_sizes)
-    fn = _jitted(self.config, self.mesh)
+    fn = _jitted(self.config, self.mesh, self.rules)
     ids_K = jnp.asarray(self._token_ids)
-    rules = (sharding_lib.activation_rules(self.mesh) if self.mesh is not None
-             else contextlib.nullcontext())
+    placement = (sharding_lib.activation_rules(self.mesh, self.rules) if self.mesh is not None
+                 else contextlib.nullcontext())
     pad_id = self.tokenizer.pad_id
     pending = []
-    with rules:
+    with placement:
       for rows, b, t in plan:
         tokens_BxT = np.full((b, t), pad_id, np.int32)
         mask_BxT = np.zeros((b, t), np.int32)
@@ -212,11 +216,12 @@ class JudgeScorer(reward.Scorer):
 
 
 @reward.SCORERS.register("judge")
-def judge_scorer(reward_cfg, *, source=None, dtype: str = "float32", mesh=None) -> JudgeScorer:
+def judge_scorer(reward_cfg, *, source=None, dtype: str = "float32", mesh=None,
+                 rules=sharding_lib.DEFAULT_RULES) -> JudgeScorer:
   """The causal LM in the local HF folder `reward_cfg.path` as judge (its own tokenizer)."""
   del source
   config, params = hf.load(reward_cfg.path, dtype=dtype,
-                           shardings=sharding_lib.param_shardings_for(mesh))
+                           shardings=sharding_lib.param_shardings_for(mesh, rules))
   return JudgeScorer(config, params, tokenizer_lib.load_tokenizer(reward_cfg.path),
                      max_length=reward_cfg.max_length, batch_size=reward_cfg.batch_size,
-                     mesh=mesh, truncated_penalty=reward_cfg.truncated_penalty)
+                     mesh=mesh, truncated_penalty=reward_cfg.truncated_penalty, rules=rules)

@@ -23,6 +23,10 @@ A chain stops early (no later steps) when:
   `keep_unfinished`): the step is emitted with `text=None` (the filters count it as "empty") and
   the chain ends, because `evolve_round` filters step s + 1 against step s's text.
 
+Progress: each step opens one bar of `progress(desc, total, unit)` (the protocol of
+`eva_jax.stages.no_progress`, silent by default; the runner passes `eva_jax.console.bar`) over
+that step's requests, advanced after each sampled chunk, with the parsed count as its postfix.
+
 Randomness: `rng` is anything `creator.numpy_rng` accepts. All method and mix-partner draws come
 first, then one uint32 seed for the sampling key, so the plan does not depend on the replies.
 """
@@ -35,7 +39,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 import jax
 import numpy as np
 
-from eva_jax import creator, sampling
+from eva_jax import creator, sampling, sharding, stages
 from eva_jax.buffer import PromptRecord
 from eva_jax.models.config import ModelConfig
 from eva_jax.models.tokenizer import Tokenizer
@@ -119,19 +123,20 @@ def plan_chains(num_prompts: int, num_chained: int, gen: np.random.Generator, *,
 
 def generate_replies(config: ModelConfig, params: dict, tokenizer: Tokenizer,
                      requests: Sequence[Sequence[int]], *, rng: jax.Array, max_new_tokens: int,
-                     temperature: float, top_p: float, batch_size: int,
-                     mesh=None) -> list[tuple[str, bool]]:
+                     temperature: float, top_p: float, batch_size: int, mesh=None,
+                     rules=sharding.DEFAULT_RULES, on_chunk=None) -> list[tuple[str, bool]]:
   """One sampled reply per tokenised request -> [(decoded text, finished)] in request order.
 
   Requests go through `sampling.sample_batched` in chunks of at most `batch_size` (the chunk at
   request `start` samples with `fold_in(rng, start)`). The text is the reply's tokens up to and
   including its eos, decoded without special tokens; finished is False when it hit
-  `max_new_tokens` first.
+  `max_new_tokens` first. on_chunk(number of requests) is called after each chunk.
   """
   out = sampling.sample_batched(config, params, requests, rng=rng, batch_size=batch_size,
                                 num_samples=1, max_new_tokens=max_new_tokens,
                                 pad_id=tokenizer.pad_id, temperature=temperature, top_p=top_p,
-                                eos_ids=tokenizer.eos_ids, mesh=mesh)
+                                eos_ids=tokenizer.eos_ids, mesh=mesh, rules=rules,
+                                on_chunk=on_chunk)
   return [(tokenizer.decode(tokens_T[:length]), bool(finished))
           for tokens_T, length, finished in zip(out.tokens[:, 0], out.lengths[:, 0],
                                                 out.finished[:, 0])]
@@ -160,7 +165,8 @@ class LMEvolver:
     batch_size: most requests per `sampling.sample` call.
     keep_unfinished: parse replies cut off by max_new_tokens before their closing marker too
       (by default they count as unparsed: the new prompt is likely cut mid-sentence).
-    mesh: passed to `sampling.sample` (params already placed on it).
+    mesh, rules: passed to `sampling.sample` (params already placed on the mesh by the rules).
+    progress: a bar factory (`eva_jax.stages.no_progress` protocol): one bar per step.
   """
 
   def __init__(self, config: ModelConfig, params: dict, tokenizer: Tokenizer, *,
@@ -168,7 +174,8 @@ class LMEvolver:
                method_weights: Optional[Mapping[str, float]] = None,
                max_new_tokens: int = 1024, temperature: float = 0.7, top_p: float = 0.9,
                max_prompt_tokens: Optional[int] = None, batch_size: int = 64,
-               keep_unfinished: bool = False, mesh=None):
+               keep_unfinished: bool = False, mesh=None, rules=sharding.DEFAULT_RULES,
+               progress=stages.no_progress):
     if config.is_reward_model:
       raise ValueError("LMEvolver: the creator config is a reward model (num_labels > 0)")
     self.num_chained = _positive_int("num_chained", num_chained)
@@ -192,7 +199,7 @@ class LMEvolver:
     self.config, self.params, self.tokenizer = config, params, tokenizer
     self.temperature, self.top_p = float(temperature), float(top_p)
     self.keep_unfinished = bool(keep_unfinished)
-    self.mesh = mesh
+    self.mesh, self.rules, self.progress = mesh, rules, progress
 
   def _parse(self, reply: str, finished: bool) -> Optional[str]:
     if not finished and not self.keep_unfinished and creator.PROMPT_CLOSE not in reply:
@@ -235,29 +242,35 @@ class LMEvolver:
                     skipped[:10])
       if not requests:
         break
-      replies = generate_replies(
-          self.config, self.params, self.tokenizer, requests, rng=jax.random.fold_in(key, step),
-          max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-          batch_size=self.batch_size, mesh=self.mesh)
-      alive, unfinished = [], 0
-      for i, (reply, finished) in zip(chains, replies):
-        text = self._parse(reply, finished)
-        unfinished += not finished
-        candidates[i].append(creator.Candidate(text=text, parent_id=records[i].id,
-                                               method=plan[i][step - 1].method, step=step))
-        if text is not None:
-          current[i] = text
-          alive.append(i)
+      with self.progress(f"evolve {step}/{self.num_chained}", len(requests), "request") as bar:
+        replies = generate_replies(
+            self.config, self.params, self.tokenizer, requests,
+            rng=jax.random.fold_in(key, step), max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature, top_p=self.top_p, batch_size=self.batch_size,
+            mesh=self.mesh, rules=self.rules, on_chunk=bar.update)
+        alive, unfinished = [], 0
+        for i, (reply, finished) in zip(chains, replies):
+          text = self._parse(reply, finished)
+          unfinished += not finished
+          candidates[i].append(creator.Candidate(text=text, parent_id=records[i].id,
+                                                 method=plan[i][step - 1].method, step=step))
+          if text is not None:
+            current[i] = text
+            alive.append(i)
+        bar.set_postfix(parsed=len(alive), cut_off=unfinished)
       log.info("evolution step %d: %d requests, %d replies parsed, %d hit max_new_tokens=%d",
                step, len(requests), len(alive), unfinished, self.max_new_tokens)
     return [cand for i in range(len(records)) for cand in candidates[i]]
 
 
-
 @creator.EVOLVERS.register("lm")
-def from_config(creator_cfg, *, source, policy) -> LMEvolver:
-  """The policy θ_t as its own creator (`creator.EVOLVERS` factory); source is unused."""
+def from_config(creator_cfg, *, source, policy, progress=stages.no_progress) -> LMEvolver:
+  """The policy θ_t as its own creator (`creator.EVOLVERS` factory); source is unused.
+  Sampling settings come from the config's creator section (temperature, top_p,
+  max_new_tokens)."""
   del source
   return LMEvolver(policy.model_config, policy.params, policy.tokenizer,
                    num_chained=creator_cfg.num_evolutions, depth_prob=creator_cfg.depth_prob,
-                   mesh=policy.mesh)
+                   max_new_tokens=creator_cfg.max_new_tokens,
+                   temperature=creator_cfg.temperature, top_p=creator_cfg.top_p,
+                   mesh=policy.mesh, rules=policy.rules, progress=progress)

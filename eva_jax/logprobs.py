@@ -10,6 +10,9 @@ a dict of arrays
     weights                                             float32 [B] (0 on padding pairs)
     ref_chosen, ref_rejected                            float32 [B] summed reference log-probs
                                                         (once `with_reference` added them)
+    chosen_win_prob, rejected_win_prob                  float32 [B] optional: each response's
+                                                        win probability against the policy
+                                                        (soft SPPO; 0.5 on padding pairs)
 
 and an SFT batch is `tokens, mask, loss_mask` [B, T] alike. `make_pair_batch` lays a row out
 as `[pad | prompt][response | pad]`: prompts left-padded to P columns, responses right-padded
@@ -39,6 +42,7 @@ from eva_jax import kernels, models, sharding
 PAIR_KEYS = ("chosen_tokens", "chosen_mask", "chosen_loss_mask", "rejected_tokens",
              "rejected_mask", "rejected_loss_mask", "weights")
 REFERENCE_KEYS = ("ref_chosen", "ref_rejected")
+WIN_PROB_KEYS = ("chosen_win_prob", "rejected_win_prob")
 SFT_KEYS = ("tokens", "mask", "loss_mask")
 # impl="auto" on CPU: up to this many bytes of float32 [N, V] logits, the plain LM head (3
 # matmuls) beats the kernels' chunked walk, whose backward recomputes the logits (4 matmuls);
@@ -109,7 +113,8 @@ def _layout(rows, max_length: int, length_bucket: int) -> tuple[int, Optional[in
 def make_pair_batch(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequence[int]],
                     rejected_ids: Sequence[Sequence[int]], *, max_length: int,
                     max_prompt_length: int, pad_id: int, ref_chosen=None, ref_rejected=None,
-                    batch_multiple: int = 1, length_bucket: int = 64) -> dict:
+                    chosen_win_prob=None, rejected_win_prob=None, batch_multiple: int = 1,
+                    length_bucket: int = 64) -> dict:
   """A pair batch (module docstring) from token-id lists, one entry per pair.
 
   Truncation (as TRL's DPO): the prompt keeps its last `max_prompt_length` tokens, then each
@@ -117,7 +122,8 @@ def make_pair_batch(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Se
   The batch is padded with weight-0 pairs to a multiple of `batch_multiple` (the mesh's batch
   sharding, `sharding.batch_multiple(mesh)`); the row layout and T are described in the module
   docstring. `ref_chosen`/`ref_rejected` ([num pairs] floats) are attached when given (see
-  also `with_reference`).
+  also `with_reference`), and so are `chosen_win_prob`/`rejected_win_prob` ([num pairs] in
+  [0, 1], `losses.win_probabilities`; padding pairs get ½).
   """
   max_length, max_prompt_length = _check_lengths(max_length, max_prompt_length, length_bucket)
   batch_multiple = _check_positive("batch_multiple", batch_multiple)
@@ -143,6 +149,17 @@ def make_pair_batch(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Se
     raise ValueError("make_pair_batch: give both ref_chosen and ref_rejected, or neither")
   if ref_chosen is not None:
     batch = with_reference([batch], ref_chosen, ref_rejected, num_pairs=[num_pairs])[0]
+  if (chosen_win_prob is None) != (rejected_win_prob is None):
+    raise ValueError("make_pair_batch: give both chosen_win_prob and rejected_win_prob, or "
+                     "neither")
+  if chosen_win_prob is not None:
+    for key, values in zip(WIN_PROB_KEYS, (chosen_win_prob, rejected_win_prob)):
+      values = np.asarray(values, np.float64).reshape(-1)
+      if len(values) != num_pairs or not ((values >= 0) & (values <= 1)).all():
+        raise ValueError(f"make_pair_batch: {key} needs one value in [0, 1] per pair "
+                         f"({num_pairs}), got {len(values)} values from {values.min(initial=0)} "
+                         f"to {values.max(initial=0)} (nan: {np.isnan(values).any()})")
+      batch[key] = np.concatenate([values, np.full(size - num_pairs, 0.5)]).astype(np.float32)
   return batch
 
 
@@ -344,8 +361,13 @@ def static_shapes(batch: dict, bucket: int = 64) -> dict:
   return {"num_targets": num_targets, "prompt_length": shared_prompt_length(batch, bucket)}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl", "num_targets", "prompt_length"))
-def _reference_forward(params, batch, *, config, impl, num_targets, prompt_length):
+@functools.partial(jax.jit, static_argnames=("config", "impl", "num_targets", "prompt_length",
+                                             "rules"))
+def _reference_forward(params, batch, *, config, impl, num_targets, prompt_length,
+                       rules=sharding.DEFAULT_RULES):
+  # `rules` (static) are read by the models' activation constraints from the caller's
+  # `sharding.activation_rules` context while tracing; a change of rules must retrace.
+  del rules
   chosen_B, rejected_B, _, _ = pair_logprobs(config, params, batch, impl=impl,
                                              num_targets=num_targets,
                                              prompt_length=prompt_length)
@@ -353,12 +375,13 @@ def _reference_forward(params, batch, *, config, impl, num_targets, prompt_lengt
 
 
 def reference_logprobs(config: models.ModelConfig, params: dict, batches: Sequence[dict], *,
-                       mesh=None, impl: str = "auto", bucket: int = 64):
+                       mesh=None, impl: str = "auto", bucket: int = 64,
+                       rules=sharding.DEFAULT_RULES):
   """Summed response log-probs of every pair under `params`, computed once per iteration.
 
   One jitted forward per batch shape (no gradient, no optimizer). With `mesh`, each batch is
-  sharded along its pairs and the models' activation rules apply. `bucket` as in
-  `static_shapes`.
+  sharded along its pairs and the models' activation constraints map through `rules` (the
+  run's `sharding.rules_from_config(c.mesh.rules)`). `bucket` as in `static_shapes`.
 
   Returns:
     (ref_chosen [N], ref_rejected [N]) float32 numpy arrays over all rows of `batches` in order
@@ -371,9 +394,9 @@ def reference_logprobs(config: models.ModelConfig, params: dict, batches: Sequen
     if mesh is None:
       c, r = _reference_forward(params, arrays, config=config, impl=impl, **static)
     else:
-      with sharding.activation_rules(mesh):
+      with sharding.activation_rules(mesh, rules):
         c, r = _reference_forward(params, sharding.shard_batch(arrays, mesh), config=config,
-                                  impl=impl, **static)
+                                  impl=impl, rules=rules, **static)
     chosen.append(sharding.to_host(c).astype(np.float32))
     rejected.append(sharding.to_host(r).astype(np.float32))
   return np.concatenate(chosen), np.concatenate(rejected)

@@ -2,7 +2,9 @@
 
 Every loss reads per-pair sequence log-probs: the SUM over response tokens of log π(y_t | x, y_<t)
 for the chosen (c) and rejected (r) response, under the policy (π) and, where the loss needs one,
-the reference (ref). Losses that need per-token averages also read the response lengths in tokens.
+the reference (ref). Losses that need per-token averages also read the response lengths in tokens;
+soft-target SPPO also reads each response's estimated win probability against the policy
+(`win_probabilities`, computed on the host when the pairs are built).
 
     loss, metrics = preference_loss("dpo", pc_B, pr_B, rc_B, rr_B, beta=0.1)
 
@@ -13,8 +15,9 @@ metrics are stop-gradient. `name`, `beta` and the hparams are Python numbers (st
 only the arrays are traced, so call `preference_loss` inside the jitted train step.
 
 A loss is a function `fn(pair: PairLogps, *, beta, **hparams) -> LossTerms` registered with
-`@register_loss(name, needs_reference=..., needs_lengths=...)`; its keyword-only parameters with
-defaults are its hparams, and it checks their ranges itself.
+`@register_loss(name, needs_reference=..., needs_lengths=..., needs_win_probs=...)`; its
+keyword-only parameters with defaults are its hparams (Python floats, or bools where the default is
+a bool), and it checks their ranges itself.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Cap on a length-averaged log-prob before ORPO takes log(1 − p): a model certain of every token
 # (mean log-prob 0 in float32) would give infinite odds and a NaN gradient.
@@ -35,7 +39,8 @@ _MAX_MEAN_LOGP = -1e-6
 class PairLogps(NamedTuple):
   """Inputs of one batch of B preference pairs, float arrays of shape [B] (lengths as floats).
 
-  `ref_*` are None for reference-free calls; `*_lengths_B` are None when not given.
+  `ref_*` are None for reference-free calls; `*_lengths_B` and `*_win_prob_B` are None when not
+  given. `*_win_prob_B` is P(y ≻ π_t | x) of the chosen / rejected response (`win_probabilities`).
   """
 
   policy_chosen_B: jax.Array
@@ -45,6 +50,8 @@ class PairLogps(NamedTuple):
   chosen_lengths_B: Optional[jax.Array]
   rejected_lengths_B: Optional[jax.Array]
   weights_B: jax.Array
+  chosen_win_prob_B: Optional[jax.Array] = None
+  rejected_win_prob_B: Optional[jax.Array] = None
 
 
 class LossTerms(NamedTuple):
@@ -62,12 +69,14 @@ class _LossSpec:
   hparam_defaults: dict[str, object]
   needs_reference: bool
   needs_lengths: bool
+  needs_win_probs: bool
 
 
 _REGISTRY: dict[str, _LossSpec] = {}
 
 
-def register_loss(name: str, *, needs_reference: bool = True, needs_lengths: bool = False):
+def register_loss(name: str, *, needs_reference: bool = True, needs_lengths: bool = False,
+                  needs_win_probs: bool = False):
   """Decorator adding `fn(pair, *, beta, **hparams) -> LossTerms` to the registry as `name`.
 
   The keyword-only parameters of `fn` other than `beta` are its hparams; each needs a default.
@@ -85,7 +94,7 @@ def register_loss(name: str, *, needs_reference: bool = True, needs_lengths: boo
       if param.default is inspect.Parameter.empty:
         raise TypeError(f"hparam {key!r} of preference loss {name!r} needs a default")
       defaults[key] = param.default
-    _REGISTRY[name] = _LossSpec(fn, defaults, needs_reference, needs_lengths)
+    _REGISTRY[name] = _LossSpec(fn, defaults, needs_reference, needs_lengths, needs_win_probs)
     return fn
   return decorator
 
@@ -101,7 +110,8 @@ def loss_hparams(name: str) -> dict[str, object]:
 
 
 def preference_loss(name, policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta,
-                    chosen_lengths=None, rejected_lengths=None, weights=None, **hparams):
+                    chosen_lengths=None, rejected_lengths=None, weights=None,
+                    chosen_win_prob=None, rejected_win_prob=None, **hparams):
   """Preference loss `name` over a batch of B pairs.
 
   Args:
@@ -114,7 +124,11 @@ def preference_loss(name, policy_chosen, policy_rejected, ref_chosen, ref_reject
       length-averaged losses (`ipo`, `simpo`, `orpo`, `rpo`).
     weights: optional [B] non-negative pair weights (e.g. 0 on padding pairs); the loss and
       metrics are then sum(w · x) / sum(w), so sum(w) must be > 0.
-    **hparams: loss-specific Python floats; see `loss_hparams(name)`.
+    chosen_win_prob, rejected_win_prob: [B] win probabilities in [0, 1] of the chosen and
+      rejected response against the policy that sampled them (`win_probabilities`); required by
+      `sppo`, ignored by the other losses.
+    **hparams: loss-specific Python floats (bools where the default is one); see
+      `loss_hparams(name)`.
 
   Returns:
     (loss, metrics): a scalar, and a dict of scalars with `rewards_chosen`, `rewards_rejected`,
@@ -134,6 +148,9 @@ def preference_loss(name, policy_chosen, policy_rejected, ref_chosen, ref_reject
   if spec.needs_lengths and (chosen_lengths is None or rejected_lengths is None):
     raise ValueError(f"preference loss {name!r} averages over tokens: pass chosen_lengths and "
                      "rejected_lengths")
+  if spec.needs_win_probs and (chosen_win_prob is None or rejected_win_prob is None):
+    raise ValueError(f"preference loss {name!r} regresses on win probabilities: pass "
+                     "chosen_win_prob and rejected_win_prob (see losses.win_probabilities)")
 
   policy_chosen_B = _as_batch("policy_chosen", policy_chosen, None)
   batch_shape = policy_chosen_B.shape
@@ -149,10 +166,13 @@ def preference_loss(name, policy_chosen, policy_rejected, ref_chosen, ref_reject
       chosen_lengths_B=batch("chosen_lengths", chosen_lengths),
       rejected_lengths_B=batch("rejected_lengths", rejected_lengths),
       weights_B=(jnp.ones(batch_shape, dtype) if weights is None
-                 else batch("weights", weights)))
+                 else batch("weights", weights)),
+      chosen_win_prob_B=batch("chosen_win_prob", chosen_win_prob),
+      rejected_win_prob_B=batch("rejected_win_prob", rejected_win_prob))
 
-  terms = spec.fn(pair, beta=beta, **{key: _check_hparam(name, key, hparams.get(key, default))
-                                      for key, default in spec.hparam_defaults.items()})
+  terms = spec.fn(pair, beta=beta, **{
+      key: _check_hparam(name, key, hparams.get(key, default), default)
+      for key, default in spec.hparam_defaults.items()})
   mean = lambda x_B: _weighted_mean(x_B, pair.weights_B)
   rewards_chosen_B = jax.lax.stop_gradient(terms.rewards_chosen_B)
   rewards_rejected_B = jax.lax.stop_gradient(terms.rewards_rejected_B)
@@ -179,10 +199,14 @@ def _check_number(key, value) -> float:
   return float(value)
 
 
-def _check_hparam(name, key, value):
-  # `delta` of bco_pair may be a traced scalar (a running mean fed in each step); the rest are
-  # static floats whose ranges each loss checks.
+def _check_hparam(name, key, value, default):
+  # `delta` of bco_pair may be a traced scalar (a running mean fed in each step); switches (bool
+  # defaults) must be bools; the rest are static floats whose ranges each loss checks.
   if key == "delta" and (value is None or isinstance(value, jax.Array)):
+    return value
+  if isinstance(default, bool):
+    if not isinstance(value, bool):
+      raise TypeError(f"{name} hparam {key} must be a bool, got {value!r}")
     return value
   value = _check_number(f"{name} hparam {key}", value)
   if not math.isfinite(value):
@@ -279,6 +303,57 @@ def sppo_hard(pair: PairLogps, *, beta) -> LossTerms:
   return LossTerms(losses_B, beta * chosen_B, beta * rejected_B, {})
 
 
+def win_probabilities(rewards_PxN, *, scale: float = 1.0) -> np.ndarray:
+  """Each sampled response's win probability against the policy that sampled it (host NumPy).
+
+  P(y_i ≻ π | x) ≈ (1/N)·Σ_j σ(scale·(r_i − r_j)) over the prompt's N responses, j = i included
+  (σ(0) = ½). σ of reward differences is our stand-in for PairRM, whose per-response scores SPPO
+  and the eva authors turn into the same N×N matrix σ(s_i − s_j) at scale 1. j = i stays in
+  because SPPO's estimator averages P(y ≻ y_k) over K samples y_k ~ π, and y_i is one of them;
+  both codes divide the matrix's row sums (diagonal ½ included) by N. Leaving i out would give
+  P', with P = ½/N + (N−1)/N·P': ours is P' shrunk towards ½ by (N−1)/N. A constant shift of a
+  prompt's rewards changes nothing.
+
+  Args:
+    rewards_PxN: [P, N] finite rewards, N >= 2 responses per prompt.
+    scale: positive inverse temperature applied to reward differences (1 for Bradley–Terry
+      logits; reward models on another scale may want another).
+
+  Returns:
+    [P, N] float64 win probabilities in (0, 1); each prompt's row averages to ½.
+  """
+  rewards_PxN = np.asarray(rewards_PxN, dtype=np.float64)
+  if rewards_PxN.ndim != 2 or rewards_PxN.shape[1] < 2:
+    raise ValueError(f"win_probabilities needs [P, N] rewards with N >= 2, got shape "
+                     f"{list(rewards_PxN.shape)}")
+  if not np.isfinite(rewards_PxN).all():
+    raise ValueError("win_probabilities: rewards must be finite")
+  scale = _check_number("scale", scale)
+  if not 0.0 < scale < math.inf:
+    raise ValueError(f"scale must be a positive finite number, got {scale}")
+  diff_PxNxN = scale * (rewards_PxN[:, :, None] - rewards_PxN[:, None, :])
+  # σ(d) = exp(−log(1 + e^−d)), finite for any d.
+  return np.exp(-np.logaddexp(0.0, -diff_PxNxN)).mean(axis=2)
+
+
+@register_loss("sppo", needs_win_probs=True)
+def sppo(pair: PairLogps, *, beta) -> LossTerms:
+  """SPPO (Wu et al. 2024) with soft targets: each response's win probability against π_t.
+
+  a = πc − rc, b = πr − rr, η = 1/β, p_c, p_r the chosen / rejected win probabilities
+  (`win_probabilities`);  loss = (a − η(p_c − ½))² + (b − η(p_r − ½))².
+  With p_c = 1, p_r = 0 this is `sppo_hard`. The eva authors' trainer (as SPPO's own) averages the
+  two squares, half this loss: the same minimiser and, under RMSprop / Adam, the same updates up
+  to the optimizer's ε and the gradient-norm clip. Rewards: β·(π − ref).
+  Extras: `chosen_win_prob`, `rejected_win_prob` (batch means of the targets).
+  """
+  chosen_B, rejected_B = _log_ratios(pair)
+  win_c_B, win_r_B = pair.chosen_win_prob_B, pair.rejected_win_prob_B
+  losses_B = (chosen_B - (win_c_B - 0.5) / beta) ** 2 + (rejected_B - (win_r_B - 0.5) / beta) ** 2
+  return LossTerms(losses_B, beta * chosen_B, beta * rejected_B,
+                   {"chosen_win_prob": win_c_B, "rejected_win_prob": win_r_B})
+
+
 @register_loss("simpo", needs_reference=False, needs_lengths=True)
 def simpo(pair: PairLogps, *, beta, gamma_beta_ratio=0.5, label_smoothing=0.0) -> LossTerms:
   """SimPO (Meng et al. 2024): reference-free, length-averaged, with a target margin γ.
@@ -315,16 +390,22 @@ def orpo(pair: PairLogps, *, beta) -> LossTerms:
 
 
 @register_loss("rpo", needs_lengths=True)
-def rpo(pair: PairLogps, *, beta, alpha=1.0) -> LossTerms:
+def rpo(pair: PairLogps, *, beta, alpha=1.0, penalize_length_nll=False) -> LossTerms:
   """RPO / iterative RPO (Pang et al. 2024): sigmoid DPO plus α times the chosen NLL per token.
 
-  loss = −log σ(β·((πc − rc) − (πr − rr))) + α·(−πc/|c|);  α >= 0 (TRL `rpo_alpha`).
-  Rewards: β·(π − ref). Extras: `nll` (−πc/|c|), `dpo_loss`.
+  loss = −log σ(β·((πc − rc) − (πr − rr))) + α·nll;  α >= 0 (TRL `rpo_alpha`);
+  nll = −πc/|c|, the paper's chosen NLL over its length (the default), or with
+  `penalize_length_nll` the eva authors' option of that name, nll = −πc/|c|²: their trainer
+  divides the token-mean chosen NLL of a device's micro-batch by that micro-batch's count of
+  chosen tokens, and their RPO runs put one pair on each device.
+  Rewards: β·(π − ref). Extras: `nll`, `dpo_loss`.
   """
   _check_range("rpo alpha", alpha, 0.0, math.inf)
   chosen_B, rejected_B = _log_ratios(pair)
   dpo_loss_B = -jax.nn.log_sigmoid(beta * (chosen_B - rejected_B))
   nll_B = -pair.policy_chosen_B / pair.chosen_lengths_B
+  if penalize_length_nll:
+    nll_B = nll_B / pair.chosen_lengths_B
   return LossTerms(dpo_loss_B + alpha * nll_B, beta * chosen_B, beta * rejected_B,
                    {"nll": nll_B, "dpo_loss": dpo_loss_B})
 

@@ -12,7 +12,8 @@ other.
 
 `NeuralScorer` renders each pair with the reward model's own tokenizer and chat template (which
 may differ from the policy's) and runs `models.forward` of a `*ForSequenceClassification` model
-in sharded, length-bucketed batches. `ProgrammaticScorer` wraps a Python checker such as
+in sharded, length-bucketed batches; `ArmoRMScorer` does the same with ArmoRM's gated head
+(`eva_jax.models.armorm`). `ProgrammaticScorer` wraps a Python checker such as
 `eva_jax.synthetic.reward`.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 
 from eva_jax import models, registry
 from eva_jax import sharding as sharding_lib
+from eva_jax.models import armorm
 
 _log = logging.getLogger(__name__)
 
@@ -191,16 +193,21 @@ def plan_batches(lengths: Sequence[int], *, batch_size: int, length_buckets: Seq
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_forward(config: models.ModelConfig, mesh):
-  """One jitted reward forward per (config, mesh); scores come back replicated on every host."""
+def _jitted_forward(config: models.ModelConfig, mesh, rules, head=None):
+  """One jitted reward forward per (config, mesh, rules, ArmoRM head or None): the rules shape
+  the trace (the model's activation constraints); scores come back replicated on every host."""
+  del rules
   out = None if mesh is None else sharding_lib.replicated(mesh)
-  return jax.jit(functools.partial(models.forward, config), out_shardings=out)
+  fn = (functools.partial(models.forward, config) if head is None
+        else functools.partial(armorm.forward, config, head))
+  return jax.jit(fn, out_shardings=out)
 
 
 def score_sequences(config: models.ModelConfig, params: dict, seqs: Sequence[Sequence[int]], *,
                     pad_id: int, batch_size: int, length_buckets: Sequence[int],
-                    mesh=None) -> np.ndarray:
-  """Rewards float32 [n] of n token sequences, by a reward model (config.num_labels == 1).
+                    mesh=None, rules=sharding_lib.DEFAULT_RULES, head=None) -> np.ndarray:
+  """Rewards float32 [n] of n token sequences, by a reward model (config.num_labels == 1), or
+  with `head` (an `armorm.ArmoHeadConfig`) by ArmoRM, whose params are then {"model", "head"}.
 
   Each sequence must be non-empty and no longer than the largest length bucket. Batches are
   right-padded with `pad_id` (the model reads the score at each row's last real token, so the
@@ -208,7 +215,7 @@ def score_sequences(config: models.ModelConfig, params: dict, seqs: Sequence[Seq
   must then be a multiple of their size. Filler rows of a partial batch hold one pad token and
   are dropped from the result.
   """
-  if config.num_labels != 1:
+  if head is None and config.num_labels != 1:
     raise ValueError(f"score_sequences needs a scalar reward model (num_labels == 1), got "
                      f"num_labels={config.num_labels}")
   multiple = _check_batching(batch_size, length_buckets, mesh)
@@ -220,12 +227,13 @@ def score_sequences(config: models.ModelConfig, params: dict, seqs: Sequence[Seq
   scores_N = np.zeros((len(seqs),), np.float32)
   if not seqs:
     return scores_N
-  forward = _jitted_forward(config, mesh)
+  forward = _jitted_forward(config, mesh, rules, head)
   plan = plan_batches(lengths, batch_size=batch_size, length_buckets=length_buckets,
                       batch_sizes=batch_buckets(batch_size, multiple))
-  rules = sharding_lib.activation_rules(mesh) if mesh is not None else contextlib.nullcontext()
+  placement = (sharding_lib.activation_rules(mesh, rules) if mesh is not None
+               else contextlib.nullcontext())
   pending = []
-  with rules:
+  with placement:
     for rows, b, t in plan:
       tokens_BxT = np.full((b, t), pad_id, np.int32)
       mask_BxT = np.zeros((b, t), np.int32)
@@ -278,14 +286,15 @@ class NeuralScorer(Scorer):
   max_length). `tokenizer` needs `apply_chat_template(messages, add_generation_prompt=...)
   -> list[int]` and `pad_id` (and `bos_id`, if it has one) -- `eva_jax.models.tokenizer.Tokenizer`.
   With a mesh, params should already be placed on it (`hf.load(..., shardings=
-  sharding.param_shardings_for(mesh))`).
+  sharding.param_shardings_for(mesh, rules))`); `rules` are the run's logical-axis rules. `head`
+  is for `ArmoRMScorer`, which sets it.
   """
 
   def __init__(self, config: models.ModelConfig, params: dict, tokenizer, *, max_length: int,
                batch_size: int, mesh=None, length_buckets: Optional[Sequence[int]] = None,
-               truncated_penalty: float = 0.0):
+               truncated_penalty: float = 0.0, rules=sharding_lib.DEFAULT_RULES, head=None):
     super().__init__(truncated_penalty=truncated_penalty)
-    if config.num_labels != 1:
+    if head is None and config.num_labels != 1:
       raise ValueError(f"NeuralScorer needs a scalar reward model (num_labels == 1), got "
                        f"num_labels={config.num_labels}")
     if max_length < 2:
@@ -296,6 +305,7 @@ class NeuralScorer(Scorer):
       raise ValueError(f"length_buckets {buckets} must reach max_length {max_length}")
     self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
     self.max_length, self.batch_size, self.length_buckets = max_length, batch_size, buckets
+    self.rules, self.head = rules, head
 
   def token_ids(self, prompt: str, response: str) -> list[int]:
     """The reward model's input ids for one pair, cut to max_length."""
@@ -316,31 +326,80 @@ class NeuralScorer(Scorer):
                    cut, len(seqs), self.max_length)
     return score_sequences(self.config, self.params, seqs, pad_id=self.tokenizer.pad_id,
                            batch_size=self.batch_size, length_buckets=self.length_buckets,
-                           mesh=self.mesh)
+                           mesh=self.mesh, rules=self.rules, head=self.head)
+
+
+class ArmoRMScorer(NeuralScorer):
+  """ArmoRM (`LlamaForRewardModelWithGating`, the eva paper's default) behind the Scorer
+  interface: NeuralScorer's chat rendering, truncation and batching, scored by `armorm.forward`
+  (its objectives mixed by a gate read at the prompt's end). `tokenizer` must encode
+  `armorm.GATING_TEXT` as the head's gating pattern, as ArmoRM's own Llama 3 tokenizer does; the
+  other arguments are NeuralScorer's.
+  """
+
+  def __init__(self, config: models.ModelConfig, params: dict, head: armorm.ArmoHeadConfig,
+               head_params: dict, tokenizer, **kwargs):
+    pattern = tuple(tokenizer.encode(armorm.GATING_TEXT))
+    if pattern != tuple(head.gating_pattern):
+      raise ValueError(f"ArmoRM: the tokenizer encodes {armorm.GATING_TEXT!r} as {pattern}, not "
+                       f"as the head's gating pattern {tuple(head.gating_pattern)} (not "
+                       "ArmoRM's Llama 3 tokenizer?)")
+    super().__init__(config, {"model": params, "head": head_params}, tokenizer, head=head,
+                     **kwargs)
+
+  def token_ids(self, prompt: str, response: str) -> list[int]:
+    ids = super().token_ids(prompt, response)
+    try:
+      armorm.gating_position(ids, self.head.gating_pattern)
+    except ValueError as err:
+      raise ValueError(f"{err}; the prompt starts {prompt[:80]!r}") from None
+    return ids
 
 
 def load_reward_model(path: str, *, dtype: str = "float32", mesh=None, max_length: int = 4096,
                       batch_size: int = 8, truncated_penalty: float = 0.0,
-                      length_buckets: Optional[Sequence[int]] = None) -> NeuralScorer:
+                      length_buckets: Optional[Sequence[int]] = None,
+                      rules=sharding_lib.DEFAULT_RULES) -> NeuralScorer:
   """A NeuralScorer for a local HF `*ForSequenceClassification` folder and its tokenizer."""
   from eva_jax.models import hf, tokenizer as tokenizer_lib
-  config, params = hf.load(path, dtype=dtype, shardings=sharding_lib.param_shardings_for(mesh))
+  config, params = hf.load(path, dtype=dtype,
+                           shardings=sharding_lib.param_shardings_for(mesh, rules))
   if not config.is_reward_model:
     raise ValueError(f"{path}: a causal LM, not a reward model (*ForSequenceClassification)")
   return NeuralScorer(config, params, tokenizer_lib.load_tokenizer(path), max_length=max_length,
                       batch_size=batch_size, mesh=mesh, length_buckets=length_buckets,
-                      truncated_penalty=truncated_penalty)
+                      truncated_penalty=truncated_penalty, rules=rules)
 
 
-# Scorers by name: factory(reward_cfg, *, source, dtype, mesh) -> Scorer, where reward_cfg is the
-# config's `reward` section and source an `eva_jax.sources` prompt source.
+def load_armorm(path: str, *, dtype: str = "float32", mesh=None, max_length: int = 4096,
+                batch_size: int = 8, truncated_penalty: float = 0.0,
+                length_buckets: Optional[Sequence[int]] = None,
+                rules=sharding_lib.DEFAULT_RULES) -> ArmoRMScorer:
+  """An ArmoRMScorer for a local ArmoRM folder and its tokenizer; the small head is replicated."""
+  from eva_jax.models import tokenizer as tokenizer_lib
+  config, params, head, head_params = armorm.load(
+      path, dtype=dtype, shardings=sharding_lib.param_shardings_for(mesh, rules))
+  if mesh is not None:
+    head_params = jax.tree.map(
+        lambda x: sharding_lib.put_global(x, sharding_lib.replicated(mesh)),
+        head_params)
+  return ArmoRMScorer(config, params, head, head_params, tokenizer_lib.load_tokenizer(path),
+                      max_length=max_length, batch_size=batch_size, mesh=mesh,
+                      length_buckets=length_buckets, truncated_penalty=truncated_penalty,
+                      rules=rules)
+
+
+# Scorers by name: factory(reward_cfg, *, source, dtype, mesh, rules) -> Scorer, where reward_cfg
+# is the config's `reward` section, source an `eva_jax.sources` prompt source and rules the run's
+# logical-axis rules (`sharding.rules_from_config`).
 SCORERS = registry.Registry("scorer")
 
 
 @SCORERS.register("synthetic")
-def programmatic_scorer(reward_cfg, *, source, dtype=None, mesh=None) -> ProgrammaticScorer:
+def programmatic_scorer(reward_cfg, *, source, dtype=None, mesh=None,
+                        rules=None) -> ProgrammaticScorer:
   """The prompt source's own checker (the synthetic tasks have one)."""
-  del dtype, mesh
+  del dtype, mesh, rules
   if source.checker is None:
     raise ValueError(f"reward.kind 'synthetic': prompt source {source.name!r} has no "
                      "programmatic checker; use 'neural'")
@@ -348,9 +407,20 @@ def programmatic_scorer(reward_cfg, *, source, dtype=None, mesh=None) -> Program
 
 
 @SCORERS.register("neural")
-def neural_scorer(reward_cfg, *, source=None, dtype: str = "float32", mesh=None) -> NeuralScorer:
+def neural_scorer(reward_cfg, *, source=None, dtype: str = "float32", mesh=None,
+                  rules=sharding_lib.DEFAULT_RULES) -> NeuralScorer:
   """The reward model in the local HF folder `reward_cfg.path`."""
   del source
-  return load_reward_model(reward_cfg.path, dtype=dtype, mesh=mesh,
+  return load_reward_model(reward_cfg.path, dtype=dtype, mesh=mesh, rules=rules,
                            max_length=reward_cfg.max_length, batch_size=reward_cfg.batch_size,
                            truncated_penalty=reward_cfg.truncated_penalty)
+
+
+@SCORERS.register("armorm")
+def armorm_scorer(reward_cfg, *, source=None, dtype: str = "float32", mesh=None,
+                  rules=sharding_lib.DEFAULT_RULES) -> ArmoRMScorer:
+  """ArmoRM in the local HF folder `reward_cfg.path` (weights, config.json and tokenizer)."""
+  del source
+  return load_armorm(reward_cfg.path, dtype=dtype, mesh=mesh, rules=rules,
+                     max_length=reward_cfg.max_length, batch_size=reward_cfg.batch_size,
+                     truncated_penalty=reward_cfg.truncated_penalty)

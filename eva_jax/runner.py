@@ -102,8 +102,9 @@ def _iteration(ctx, t: int, baseline: Optional[dict]) -> dict:
       {"text": p.text, "id": p.id} for p in ctx.source.base_prompts(t)])
   texts = [p["text"] for p in prompts]
   gen, rewards = _generate_scored(ctx, policy, t, "generate", texts)
-  floor = c.train.min_chosen_reward
-  base_pairs = stages.best_worst_pairs(texts, gen, rewards, "base", min_chosen_reward=floor)
+  floor, scale = c.train.min_chosen_reward, c.train.win_prob_scale
+  base_pairs = stages.best_worst_pairs(texts, gen, rewards, "base", min_chosen_reward=floor,
+                                       win_prob_scale=scale)
   evolved_pairs, info = [], creator.informativeness(rewards, c.creator.metric)
   if c.creator.enabled:
     with console.Stage(ctx.metrics, "create", t) as st:
@@ -115,7 +116,7 @@ def _iteration(ctx, t: int, baseline: Optional[dict]) -> dict:
     gen_e, rewards_e = _generate_scored(ctx, policy, t, "generate_evolved", created["evolved"])
     if created["evolved"]:
       evolved_pairs = stages.best_worst_pairs(created["evolved"], gen_e, rewards_e, "evolved",
-                                              min_chosen_reward=floor)
+                                              min_chosen_reward=floor, win_prob_scale=scale)
   with console.Stage(ctx.metrics, "pairs", t) as st:
     pairs = wd.cached_json(ctx.path(t, "pairs.json"), st.compute(lambda: stages.mix(
         base_pairs, evolved_pairs, stages.stage_rng(c.seed, t, "pairs"), creator_cfg=c.creator,

@@ -14,23 +14,21 @@ Prompts may be right- or left-padded (or both): positions come from the mask, th
 token is each row's rightmost masked token, and padded slots are never attended. Prompt widths
 and batch sizes are bucketed to powers of two so a run compiles a bounded number of times.
 
-Token selection is exact: the token is drawn from the softmax of logits / temperature restricted
-to the top-k and then to the top-p nucleus, renormalised. The nucleus is the set of tokens whose
-strictly-more-probable tokens carry less than `top_p` of the mass (transformers' rule; tokens tied
-at the boundary are kept or dropped together). Sorting the vocabulary for top-p is avoided (see
-`_sample_vocab`). Returned log-probs are of the *unmodified* model distribution (temperature 1,
-no truncation): `log_softmax(forward(prompt + response))` read at each sampled token.
+Token selection (`eva_jax.token_select`) is exact: the token is drawn from the softmax of
+logits / temperature restricted to the top-k and then to the top-p nucleus, renormalised,
+without sorting the vocabulary. Returned log-probs are of the *unmodified* model distribution
+(temperature 1, no truncation): `log_softmax(forward(prompt + response))` read at each sampled
+token.
 
 Sampling never hangs: a row whose logits are not finite (NaN or +inf from the model, or
 logits / temperature overflowing float32) is stopped where it happens and `sample` raises one
-ValueError naming the prompt row, the sample and the step. Temperatures in (0, MIN_TEMPERATURE)
-are refused up front (logits / temperature stays finite for |logits| < 3e32 at the bound); the
-nucleus loop is capped at V rounds (each rejection removes at least one token from the support,
-so an exact draw never needs more), with the argmax as the fallback.
+ValueError naming the prompt row, the sample and the step. Temperatures in
+(0, token_select.MIN_TEMPERATURE) are refused up front (logits / temperature stays finite for
+|logits| < 3e32 at the bound); the nucleus loop is capped at V rounds, with the argmax as the
+fallback.
 
 Axis letters: B prompts (or rows of a selection), P prompt width, N samples per prompt,
-R = B * N decode rows, T new tokens, V vocabulary, C blocks of W vocabulary entries; in the
-top-k path K is the k candidates.
+R = B * N decode rows, T new tokens, V vocabulary.
 """
 from __future__ import annotations
 
@@ -43,17 +41,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eva_jax import models, sharding
+from eva_jax import models, sharding, token_select
 from eva_jax.models.config import ModelConfig
 
 # Traces of each jitted stage; a test reads it to check the bucketing bounds recompiles.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
-_BLOCK = 128  # Vocabulary block of the two-level inverse-CDF draw.
 _MAX_EOS = 8  # eos ids are padded to this many so their number does not recompile.
 _MIN_PROMPT_BUCKET = 8
-# Smallest positive temperature: float32 max / 1e6 = 3.4e32 bounds the logits that stay finite.
-MIN_TEMPERATURE = 1e-6
 
 
 class SampleOutput(NamedTuple):
@@ -72,152 +67,12 @@ class SampleOutput(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Token selection
-
-
-def _inverse_cdf(weights_BxN: jax.Array, u_B: jax.Array) -> jax.Array:
-  """Index drawn with probability weights / sum(weights), given uniforms in [0, 1).
-
-  The first index with positive weight whose cumulative sum exceeds u * total, so rounding can
-  never pick a zero-weight index (the last positive index if rounding overshoots the end).
-  """
-  n = weights_BxN.shape[-1]
-  cum_BxN = jnp.cumsum(weights_BxN, axis=-1)
-  target_B = u_B * cum_BxN[:, -1]
-  hit_BxN = (cum_BxN > target_B[:, None]) & (weights_BxN > 0)
-  last_positive_B = n - 1 - jnp.argmax(weights_BxN[:, ::-1] > 0, axis=-1)
-  return jnp.where(hit_BxN.any(-1), jnp.argmax(hit_BxN, axis=-1), last_positive_B)
-
-
-def _uniforms(keys_B: jax.Array, step, count: int) -> jax.Array:
-  """[B, count] uniforms in [0, 1), one independent stream per row and step."""
-  return jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (count,)))(keys_B)
-
-
-def _sample_vocab(logits_BxV: jax.Array, keys_B: jax.Array, temperature, top_p,
-                  nucleus: bool, skip_B: jax.Array) -> jax.Array:
-  """Exact draw from softmax(logits / temperature), restricted to the top-p nucleus if `nucleus`.
-
-  Without sorting: adaptive rejection sampling. Each round draws a candidate c from the weights
-  e = exp((logits - max) / temperature) restricted to {e > lam} (lam = -1 at first), by a
-  two-level inverse CDF (C blocks of W = 128 tokens, then within the block). c is in the
-  nucleus iff M(c) = sum(e[e > e_c]) < top_p * sum(e). If not, every nucleus token has
-  e > e_c, so the next round restricts to {e > e_c}: the proposal is always the target
-  distribution restricted to a superset of the nucleus, so an accepted draw has exactly the
-  nucleus distribution. The support strictly shrinks on every rejection, so the loop ends; the
-  acceptance rate starts at >= top_p and rises. One pass over [B, V] per round computes the
-  block sums of e[e > e_c], which give both M(c) and the next round's proposal.
-
-  Rows in `skip_B` (non-finite logits: their token is discarded) never enter the loop, and the
-  loop stops after V rounds whatever happens (the support has at most V tokens); a row still
-  undecided then takes its argmax, which is always in the nucleus.
-  """
-  b, v = logits_BxV.shape
-  num_blocks = -(-v // _BLOCK)
-  scaled_BxV = logits_BxV / temperature
-  e_BxV = jnp.exp(scaled_BxV - scaled_BxV.max(axis=-1, keepdims=True))
-  e_BxCxW = jnp.pad(e_BxV, ((0, 0), (0, num_blocks * _BLOCK - v))).reshape(b, num_blocks, _BLOCK)
-  block_mass_BxC = e_BxCxW.sum(-1)
-  rows = jnp.arange(b)
-
-  def draw(block_mass_BxC, lam_B, step):
-    u_Bx2 = _uniforms(keys_B, step, 2)
-    block_B = _inverse_cdf(block_mass_BxC, u_Bx2[:, 0])
-    e_BxW = e_BxCxW[rows, block_B]
-    within_B = _inverse_cdf(jnp.where(e_BxW > lam_B[:, None], e_BxW, 0.0), u_Bx2[:, 1])
-    return block_B * _BLOCK + within_B, e_BxW[rows, within_B]
-
-  lam0_B = jnp.full((b,), -1.0, e_BxV.dtype)
-  if not nucleus:
-    return draw(block_mass_BxC, lam0_B, 0)[0]
-  threshold_B = top_p * block_mass_BxC.sum(-1)
-
-  def body(state):
-    step, token_B, accepted_B, block_mass_BxC, lam_B = state
-    cand_B, e_cand_B = draw(block_mass_BxC, lam_B, step)
-    above_BxC = jnp.where(e_BxCxW > e_cand_B[:, None, None], e_BxCxW, 0.0).sum(-1)
-    ok_B = above_BxC.sum(-1) < threshold_B
-    token_B = jnp.where(~accepted_B & ok_B, cand_B, token_B)
-    rejected_B = ~accepted_B & ~ok_B
-    block_mass_BxC = jnp.where(rejected_B[:, None], above_BxC, block_mass_BxC)
-    lam_B = jnp.where(rejected_B, e_cand_B, lam_B)
-    return step + 1, token_B, accepted_B | ok_B, block_mass_BxC, lam_B
-
-  state = (0, jnp.zeros((b,), jnp.int32), skip_B, block_mass_BxC, lam0_B)
-  _, token_B, accepted_B, _, _ = jax.lax.while_loop(lambda s: ~s[2].all() & (s[0] < v), body,
-                                                    state)
-  return jnp.where(accepted_B, token_B, jnp.argmax(logits_BxV, axis=-1))
-
-
-def _sample_top_k(logits_BxV: jax.Array, keys_B: jax.Array, temperature, top_p, top_k: int,
-                  nucleus: bool) -> jax.Array:
-  """Exact draw from the k most likely tokens (then their top-p nucleus), renormalised.
-
-  `lax.top_k` returns the k largest logits sorted; among logits tied at the k-th value it keeps
-  the lowest ids. The nucleus is then exact on those k sorted values.
-  """
-  values_BxK, ids_BxK = jax.lax.top_k(logits_BxV, top_k)
-  e_BxK = jnp.exp((values_BxK - values_BxK[:, :1]) / temperature)
-  if nucleus:
-    above_BxK = jnp.where(values_BxK[:, None, :] > values_BxK[:, :, None], e_BxK[:, None, :],
-                          0.0).sum(-1)
-    e_BxK = jnp.where(above_BxK < top_p * e_BxK.sum(-1, keepdims=True), e_BxK, 0.0)
-  pick_B = _inverse_cdf(e_BxK, _uniforms(keys_B, 0, 1)[:, 0])
-  return jnp.take_along_axis(ids_BxK, pick_B[:, None], axis=-1)[:, 0]
-
-
-def _select(logits_BxV, keys_B, temperature, top_p, *, top_k: int, greedy: bool,
-            nucleus: bool):
-  """(tokens int32 [B], temperature-1 log-probs float32 [B]); the flags are static.
-
-  A row whose logits (divided by the temperature) have a NaN, a +inf or no finite maximum gets
-  token -1 and log-prob NaN.
-  """
-  logits_BxV = logits_BxV.astype(jnp.float32)
-  # max(logits) / T = max(logits / T) for T > 0, and a NaN anywhere makes the max NaN.
-  top_B = logits_BxV.max(axis=-1)
-  bad_B = ~jnp.isfinite(top_B if greedy else top_B / temperature)
-  if greedy:
-    token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  elif top_k:
-    token_B = _sample_top_k(logits_BxV, keys_B, temperature, top_p, top_k, nucleus)
-  else:
-    token_B = _sample_vocab(logits_BxV, keys_B, temperature, top_p, nucleus, bad_B)
-  token_B = token_B.astype(jnp.int32)
-  picked_B = jnp.take_along_axis(logits_BxV, token_B[:, None], axis=-1)[:, 0]
-  logprob_B = picked_B - jax.nn.logsumexp(logits_BxV, axis=-1)
-  return jnp.where(bad_B, -1, token_B), jnp.where(bad_B, jnp.nan, logprob_B)
-
-
-def _static_flags(vocab_size: int, temperature: float, top_p: float, top_k: int,
-                  greedy: bool) -> dict:
-  greedy = bool(greedy or temperature == 0)
-  return dict(greedy=greedy, top_k=0 if greedy or top_k >= vocab_size else int(top_k),
-              nucleus=not greedy and top_p < 1.0)
-
-
-def select_tokens(logits_BxV: jax.Array, keys_B: jax.Array, *, temperature: float = 1.0,
-                  top_p: float = 1.0, top_k: int = 0, greedy: bool = False):
-  """One token per row -> (tokens int32 [B], log-probs float32 [B] at temperature 1).
-
-  `keys_B` holds one PRNG key per row. Greedy (or temperature 0) takes the argmax; otherwise the
-  draw is exact from softmax(logits / temperature) truncated to the top-k, then to the top-p
-  nucleus, and renormalised. top_k=0 and top_p=1 switch those filters off. A row with non-finite
-  logits (or logits / temperature) gets token -1 and log-prob NaN.
-  """
-  _check_sampling_args(temperature, top_p, top_k)
-  flags = _static_flags(logits_BxV.shape[-1], temperature, top_p, top_k, greedy)
-  return _select(logits_BxV, keys_B, jnp.float32(temperature if temperature > 0 else 1.0),
-                 jnp.float32(top_p), **flags)
-
-
-# ---------------------------------------------------------------------------------------------
 # Prefill and decode
 
 
-def _cache_sharding(shape, mesh):
+def _cache_sharding(shape, mesh, rules):
   return sharding.logical_to_sharding(
-      shape, ("layers", "act_batch", "act_kv_heads", "act_len", "head_dim"), mesh)
+      shape, ("layers", "act_batch", "act_kv_heads", "act_len", "head_dim"), mesh, rules)
 
 
 def _on_batch(x: jax.Array, mesh) -> jax.Array:
@@ -227,13 +82,16 @@ def _on_batch(x: jax.Array, mesh) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_samples", "max_new_tokens",
-                                             "cache_dtype", "mesh"))
+                                             "cache_dtype", "mesh", "rules"))
 def _prefill(config: ModelConfig, params: dict, prompts_BxP: jax.Array, mask_BxP: jax.Array, *,
-             num_samples: int, max_new_tokens: int, cache_dtype, mesh):
+             num_samples: int, max_new_tokens: int, cache_dtype, mesh,
+             rules=sharding.DEFAULT_RULES):
   """Runs the prompts once -> (cache, last-token logits [B, V]).
 
   cache: {"prompt": [L, B, K, P, E] filled, "generated": [L, B*N, K, max(T-1, 1), E] empty}
-  (see `models.SplitCache`); the last generated token needs no slot.
+  (see `models.SplitCache`); the last generated token needs no slot. `rules` (static) are the
+  logical-axis rules active while tracing: the models' activation constraints read them from the
+  caller's `sharding.activation_rules` context, so a change of rules must retrace.
   """
   TRACE_COUNTS["prefill"] += 1
   b, p = prompts_BxP.shape
@@ -250,16 +108,19 @@ def _prefill(config: ModelConfig, params: dict, prompts_BxP: jax.Array, mask_BxP
       config, b * num_samples, max(max_new_tokens - 1, 1), cache_dtype)}
   if mesh is not None:
     cache = jax.tree.map(
-        lambda c: jax.lax.with_sharding_constraint(c, _cache_sharding(c.shape, mesh)), cache)
+        lambda c: jax.lax.with_sharding_constraint(c, _cache_sharding(c.shape, mesh, rules)),
+        cache)
   return cache, _on_batch(logits_BxV, mesh)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",), static_argnames=(
-    "config", "num_samples", "max_new_tokens", "pad_id", "top_k", "greedy", "nucleus", "mesh"))
+    "config", "num_samples", "max_new_tokens", "pad_id", "top_k", "greedy", "nucleus", "mesh",
+    "rules"))
 def _decode(config: ModelConfig, params: dict, cache: dict, logits_BxV: jax.Array,
             mask_BxP: jax.Array, active_B: jax.Array, eos_E: jax.Array, rng: jax.Array,
             temperature: jax.Array, top_p: jax.Array, *, num_samples: int, max_new_tokens: int,
-            pad_id: int, top_k: int, greedy: bool, nucleus: bool, mesh):
+            pad_id: int, top_k: int, greedy: bool, nucleus: bool, mesh,
+            rules=sharding.DEFAULT_RULES):
   """The decode loop over B * N rows -> (tokens [R, T], logprobs [R, T], lengths [R], finished
   [R], bad_step [R]), R = B * N rows prompt-major, and the final cache. bad_step is the step at
   which a row met non-finite logits (the row stops there), -1 for rows that never did.
@@ -268,11 +129,12 @@ def _decode(config: ModelConfig, params: dict, cache: dict, logits_BxV: jax.Arra
   loop then updates it in place instead of copying it into the loop state.
   """
   TRACE_COUNTS["decode"] += 1
+  del rules  # Static only, as in `_prefill`: read from the caller's context while tracing.
   n, t = num_samples, max_new_tokens
   b = mask_BxP.shape[0]
   r = b * n
-  select = functools.partial(_select, temperature=temperature, top_p=top_p, top_k=top_k,
-                             greedy=greedy, nucleus=nucleus)
+  select = functools.partial(token_select.select, temperature=temperature, top_p=top_p,
+                             top_k=top_k, greedy=greedy, nucleus=nucleus)
   # One key per (prompt, sample) row, so a row's draws do not depend on the batch padding.
   row_keys_R = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(r))
   step_keys = lambda i: jax.vmap(lambda k: jax.random.fold_in(k, i))(row_keys_R)
@@ -327,19 +189,6 @@ def _decode(config: ModelConfig, params: dict, cache: dict, logits_BxV: jax.Arra
 # Host side: validation, bucketing, placement
 
 
-def _check_sampling_args(temperature, top_p, top_k) -> None:
-  if not 0 <= temperature < float("inf"):  # Also rejects NaN.
-    raise ValueError(f"sample: temperature must be >= 0 and finite, got {temperature}")
-  if 0 < temperature < MIN_TEMPERATURE:
-    raise ValueError(f"sample: temperature {temperature} is below {MIN_TEMPERATURE}, where "
-                     "logits / temperature can overflow float32; use temperature=0 (greedy, "
-                     "the cold limit) instead")
-  if not 0 < top_p <= 1:
-    raise ValueError(f"sample: top_p must lie in (0, 1], got {top_p}")
-  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
-    raise ValueError(f"sample: top_k must be an int >= 0 (0 = off), got {top_k!r}")
-
-
 def _bucket(n: int, minimum: int = 1, multiple: int = 1) -> int:
   """The next power of two >= n (and >= minimum), rounded up to a multiple of `multiple`."""
   size = max(minimum, 1 << max(n - 1, 0).bit_length())
@@ -382,19 +231,22 @@ def _host_prompts(config: ModelConfig, prompts, prompt_mask, max_new_tokens: int
 def sample(config: ModelConfig, params: dict, prompts, prompt_mask, *, rng: jax.Array,
            num_samples: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
            top_k: int = 0, eos_ids: Optional[Sequence[int]] = None, greedy: bool = False,
-           cache_dtype=None, mesh=None) -> SampleOutput:
+           cache_dtype=None, mesh=None, rules=sharding.DEFAULT_RULES) -> SampleOutput:
   """Draws `num_samples` responses per prompt; see the module docstring and `SampleOutput`.
 
   prompts: int [B, P] token ids, padded on either side; prompt_mask: [B, P], 1 on real tokens
   (host arrays: they are validated and bucketed on the host).
   rng: a PRNG key; the same key gives the same output.
   eos_ids: ids that end a response (default: config.eos_token_ids; () never stops early).
-  greedy, or temperature 0: argmax decoding; other temperatures must be >= MIN_TEMPERATURE.
+  greedy, or temperature 0: argmax decoding; other temperatures must be >=
+    token_select.MIN_TEMPERATURE.
   top_k=0 / top_p=1 switch those filters off.
   Raises ValueError naming the prompt row, sample and step if the model's logits are not finite.
   cache_dtype: the KV cache dtype (default: the model's compute dtype).
   mesh: shard the batch over its data/fsdp axes (params should already be placed, e.g. by
     `hf.load(..., shardings=sharding.param_shardings_for(mesh))`).
+  rules: the logical-axis rules the model's activation constraints map through (the run's
+    `sharding.rules_from_config(c.mesh.rules)`).
 
   Compiles once per (prompt-width bucket, batch bucket, num_samples, max_new_tokens, top_k,
   greedy, top_p < 1) combination; temperature and top_p values do not recompile.
@@ -407,7 +259,7 @@ def sample(config: ModelConfig, params: dict, prompts, prompt_mask, *, rng: jax.
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
       or max_new_tokens < 1:
     raise ValueError(f"sample: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-  _check_sampling_args(temperature, top_p, top_k)
+  token_select.check_args(temperature, top_p, top_k)
   eos = tuple(int(i) for i in (config.eos_token_ids if eos_ids is None else eos_ids))
   if len(eos) > _MAX_EOS or any(not 0 <= i < config.vocab_size for i in eos):
     raise ValueError(f"sample: eos_ids must be at most {_MAX_EOS} ids in [0, "
@@ -426,18 +278,19 @@ def sample(config: ModelConfig, params: dict, prompts, prompt_mask, *, rng: jax.
   eos_E[:len(eos)] = eos
   if mesh is not None:
     tokens, mask, active = sharding.shard_batch((tokens, mask, active), mesh)
-  flags = _static_flags(config.vocab_size, temperature, top_p, top_k, greedy)
+  flags = token_select.static_flags(config.vocab_size, temperature, top_p, top_k, greedy)
   pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-  ctx = sharding.activation_rules(mesh) if mesh is not None else contextlib.nullcontext()
+  ctx = (sharding.activation_rules(mesh, rules) if mesh is not None
+         else contextlib.nullcontext())
   with ctx:
     cache, logits_BxV = _prefill(config, params, tokens, mask, num_samples=num_samples,
                                  max_new_tokens=max_new_tokens,
                                  cache_dtype=jnp.dtype(cache_dtype or config.dtype).name,
-                                 mesh=mesh)
+                                 mesh=mesh, rules=rules)
     out, _ = _decode(config, params, cache, logits_BxV, mask, active, eos_E, rng,
                   jnp.float32(temperature if temperature > 0 else 1.0), jnp.float32(top_p),
                   num_samples=num_samples, max_new_tokens=max_new_tokens, pad_id=pad_id,
-                  mesh=mesh, **flags)
+                  mesh=mesh, rules=rules, **flags)
   tokens_RxT, logprobs_RxT, lengths_R, finished_R, bad_step_R = (x[:b * num_samples] for x in out)
   n, t = num_samples, max_new_tokens
   bad_step_R = sharding.to_host(bad_step_R)

@@ -48,15 +48,20 @@ DEFAULT_RULES: tuple[tuple[str, Optional[object]], ...] = (
 def rules_from_config(overrides=None) -> tuple[tuple[str, Optional[object]], ...]:
   """DEFAULT_RULES with some logical names mapped elsewhere.
 
-  overrides: a mapping {logical name: None | mesh axis | sequence of mesh axes} (e.g. a config
-  section `c.mesh.rules`), or None for the defaults. Unknown names and axes are refused.
+  overrides: a mapping {logical name: mesh axes} (e.g. the config section `c.mesh.rules`), or
+  None for the defaults. Mesh axes are None, a sequence of axis names, or a string of them
+  joined by commas, "" for none (the config's form, so that `--config.mesh.rules.embed=tensor`
+  or `=data,fsdp` works from the command line). Unknown names and axes are refused.
   """
   rules = dict(DEFAULT_RULES)
-  for name, axes in dict(overrides or {}).items():
+  items = overrides.items() if overrides is not None else ()
+  for name, axes in items:
     if name not in rules:
       raise ValueError(f"sharding rules: unknown logical axis {name!r} (known: "
                        f"{', '.join(rules)})")
-    flat = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    if isinstance(axes, str):
+      axes = [a.strip() for a in axes.split(",") if a.strip()]
+    flat = () if axes is None else tuple(axes)
     unknown = [a for a in flat if a not in MESH_AXES]
     if unknown:
       raise ValueError(f"sharding rules: {name!r} maps to unknown mesh axis {unknown[0]!r} "

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from eva_jax import creator, logprobs, reward, sampling, sharding, train, train_state
+from eva_jax import creator, logprobs, losses, reward, sampling, sharding, train, train_state
 from eva_jax import workdir as wd
 from eva_jax.buffer import PromptBuffer
 
@@ -60,11 +60,13 @@ def no_progress(desc: str, total: int, unit: str = "it") -> _NoBar:
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-  """What a stage needs of the policy: its model config, params, tokenizer and mesh."""
+  """What a stage needs of the policy: its model config, params, tokenizer, mesh and the
+  logical-axis rules that place it there (`sharding.rules_from_config(c.mesh.rules)`)."""
   model_config: Any
   params: Any
   tokenizer: Any
   mesh: Any
+  rules: tuple = sharding.DEFAULT_RULES
 
   def with_params(self, params) -> "Policy":
     return dataclasses.replace(self, params=params)
@@ -103,7 +105,7 @@ def generate(policy: Policy, prompts: Sequence[str], *, key, sampling_cfg,
         rng=key, batch_size=s.batch_size, num_samples=s.num_samples,
         max_new_tokens=s.max_new_tokens, pad_id=tok.pad_id, temperature=s.temperature,
         top_p=s.top_p, top_k=s.top_k, eos_ids=tok.eos_ids, greedy=s.temperature == 0,
-        mesh=policy.mesh, on_chunk=bar.update)
+        mesh=policy.mesh, rules=policy.rules, on_chunk=bar.update)
   wd.kill_point("sampling")
   texts = [[tok.decode(out.tokens[p, n, :out.lengths[p, n]]) for n in range(s.num_samples)]
            for p in range(len(prompts))]
@@ -170,13 +172,18 @@ def create(buffer: PromptBuffer, prompts: Sequence[str], rewards_PxN: np.ndarray
 
 
 def best_worst_pairs(prompts: Sequence[str], gen: dict, rewards_PxN: np.ndarray,
-                     source: str, *, min_chosen_reward: float = -math.inf) -> list[dict]:
+                     source: str, *, min_chosen_reward: float = -math.inf,
+                     win_prob_scale: float = 1.0) -> list[dict]:
   """Per prompt: chosen = the highest-reward response, rejected = the lowest.
 
   A prompt whose rewards all tie carries no preference and gives no pair; neither does one
   whose best response scores below `min_chosen_reward` (off by default, as in the paper).
+  Each pair also carries `chosen_win_prob` / `rejected_win_prob`, its responses' win
+  probabilities against the prompt's N samples (`losses.win_probabilities` at
+  `win_prob_scale`), the targets of soft SPPO.
   """
   pairs = []
+  win_PxN = losses.win_probabilities(rewards_PxN, scale=win_prob_scale) if len(prompts) else None
   for p, prompt in enumerate(prompts):
     best, worst = int(np.argmax(rewards_PxN[p])), int(np.argmin(rewards_PxN[p]))
     if (rewards_PxN[p, best] <= rewards_PxN[p, worst]
@@ -185,7 +192,9 @@ def best_worst_pairs(prompts: Sequence[str], gen: dict, rewards_PxN: np.ndarray,
     take = lambda n: gen["tokens"][p, n, :gen["lengths"][p, n]].tolist()  # noqa: E731
     pairs.append({"prompt": prompt, "chosen": take(best), "rejected": take(worst),
                   "chosen_reward": float(rewards_PxN[p, best]),
-                  "rejected_reward": float(rewards_PxN[p, worst]), "source": source})
+                  "rejected_reward": float(rewards_PxN[p, worst]), "source": source,
+                  "chosen_win_prob": float(win_PxN[p, best]),
+                  "rejected_win_prob": float(win_PxN[p, worst])})
   return pairs
 
 
@@ -217,14 +226,21 @@ def train_batch_size(mesh, train_cfg) -> int:
 
 def _pair_batches(policy: Policy, pairs: list[dict], train_cfg) -> list[dict]:
   tok, size = policy.tokenizer, train_batch_size(policy.mesh, train_cfg)
+  # Pairs cached before win probabilities existed have none: their batches go without (only
+  # soft SPPO needs them, and its step says so).
+  with_win = sum("chosen_win_prob" in p for p in pairs)
+  if 0 < with_win < len(pairs):
+    raise ValueError(f"{with_win} of {len(pairs)} pairs carry win probabilities; rebuild the "
+                     "pairs (their artifacts) so that all or none do")
   batches = []
   for start in range(0, len(pairs), size):
     chunk = pairs[start:start + size]
+    win = {key: [p[key] for p in chunk] if with_win else None for key in logprobs.WIN_PROB_KEYS}
     batches.append(logprobs.make_pair_batch(
         prompt_ids(tok, [p["prompt"] for p in chunk], train_cfg.max_prompt_length),
         [p["chosen"] for p in chunk], [p["rejected"] for p in chunk],
         max_length=train_cfg.max_length, max_prompt_length=train_cfg.max_prompt_length,
-        pad_id=tok.pad_id, batch_multiple=size, length_bucket=16))
+        pad_id=tok.pad_id, batch_multiple=size, length_bucket=16, **win))
   return batches
 
 
@@ -237,7 +253,8 @@ def reference(policy: Policy, pairs: list[dict], *, train_cfg, progress=no_progr
   with progress("reference", len(batches), "batch") as bar:
     for batch in batches:
       parts.append(logprobs.reference_logprobs(policy.model_config, policy.params, [batch],
-                                               mesh=policy.mesh, impl=train_cfg.logprob_impl))
+                                               mesh=policy.mesh, rules=policy.rules,
+                                               impl=train_cfg.logprob_impl))
       bar.update(1)
   ref_c, ref_r = (np.concatenate(xs) for xs in zip(*parts))
   # Each batch is padded to the same row count with weight-0 pairs: keep the real rows.
@@ -249,32 +266,35 @@ def reference(policy: Policy, pairs: list[dict], *, train_cfg, progress=no_progr
 
 
 def optimizer_config(train_cfg, total_steps: int, *, name: Optional[str] = None,
-                     learning_rate: Optional[float] = None) -> train_state.OptimizerConfig:
-  """The optimizer of train_cfg (name and learning rate overridable: the SFT warm-start)."""
+                     learning_rate: Optional[float] = None,
+                     schedule: Optional[str] = None) -> train_state.OptimizerConfig:
+  """The optimizer of train_cfg (name, learning rate and schedule overridable: the SFT
+  warm-start)."""
   return train_state.OptimizerConfig(
       name=name or train_cfg.optimizer,
       learning_rate=train_cfg.learning_rate if learning_rate is None else learning_rate,
       total_steps=max(1, total_steps), warmup_ratio=train_cfg.warmup_ratio,
-      weight_decay=train_cfg.weight_decay, max_grad_norm=train_cfg.grad_clip)
+      weight_decay=train_cfg.weight_decay, max_grad_norm=train_cfg.grad_clip,
+      schedule=schedule or train_cfg.schedule)
 
 
 def sft_optimizer_config(train_cfg, sft_cfg, total_steps: int) -> train_state.OptimizerConfig:
   return optimizer_config(train_cfg, total_steps, name="adamw",
-                          learning_rate=sft_cfg.learning_rate)
+                          learning_rate=sft_cfg.learning_rate, schedule="cosine")
 
 
-# One jitted update per (model, mesh, optimizer, loss), reused by every iteration: a new closure
-# would recompile.
+# One jitted update per (model, mesh, rules, optimizer, loss), reused by every iteration: a new
+# closure would recompile.
 _STEPS: dict = {}
 
 
 def _train_step(policy: Policy, opt_cfg, loss_cfg):
-  key = (policy.model_config, policy.mesh, repr(opt_cfg), repr(loss_cfg))
+  key = (policy.model_config, policy.mesh, policy.rules, repr(opt_cfg), repr(loss_cfg))
   if key not in _STEPS:
     optimizer = train_state.make_optimizer(opt_cfg)
     _STEPS[key] = optimizer, train.make_train_step(
         policy.model_config, optimizer, policy.mesh, loss_cfg,
-        schedule=train_state.make_schedule(opt_cfg))
+        schedule=train_state.make_schedule(opt_cfg), rules=policy.rules)
   return _STEPS[key]
 
 
@@ -292,7 +312,7 @@ def train_iteration(policy: Policy, pairs: list[dict], ref: dict, rng, log_step,
                               accum_steps=t.grad_accum, logprob_impl=t.logprob_impl)
   optimizer, step = _train_step(policy, opt_cfg, loss_cfg)
   state = train_state.init_train_state(policy.model_config, optimizer, policy.mesh,
-                                       params=policy.params)
+                                       params=policy.params, rules=policy.rules)
   if not pairs:
     return state
   steps = t.epochs * math.ceil(len(pairs) / train_batch_size(policy.mesh, t))
@@ -324,12 +344,12 @@ def sft_warm_start(policy: Policy, examples: Sequence[tuple[str, str]], steps: i
   opt_cfg = sft_optimizer_config(train_cfg, sft_cfg, steps)
   optimizer = train_state.make_optimizer(opt_cfg)
   state = train_state.init_train_state(policy.model_config, optimizer, policy.mesh,
-                                       params=policy.params)
+                                       params=policy.params, rules=policy.rules)
   if steps == 0:
     return state
   step = train.make_train_step(policy.model_config, optimizer, policy.mesh,
                                train.LossConfig("sft"),
-                               schedule=train_state.make_schedule(opt_cfg))
+                               schedule=train_state.make_schedule(opt_cfg), rules=policy.rules)
   prompts = prompt_ids(tok, [p for p, _ in examples], train_cfg.max_prompt_length)
   responses = []
   for (prompt, answer), ids in zip(examples, prompts):

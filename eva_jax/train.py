@@ -29,19 +29,20 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eva_jax import losses, models, sharding
-from eva_jax.logprobs import (PAIR_KEYS, REFERENCE_KEYS, SFT_KEYS, make_pair_batch,
-                              make_sft_batch, num_targets_bucket, pair_logprobs,
-                              reference_logprobs, sequence_logprobs, static_shapes,
-                              with_reference)
+from eva_jax.logprobs import (PAIR_KEYS, REFERENCE_KEYS, SFT_KEYS, WIN_PROB_KEYS,
+                              make_pair_batch, make_sft_batch, num_targets_bucket,
+                              pair_logprobs, reference_logprobs, sequence_logprobs,
+                              static_shapes, with_reference)
 from eva_jax.train_state import (OptimizerConfig, TrainState, init_train_state, make_optimizer,
                                  make_schedule, state_shardings)
 
 # This module is the entry point; the batch and state helpers are re-exported from it.
 __all__ = [
-    "LossConfig", "OptimizerConfig", "TrainState", "check_finite", "init_train_state",
-    "make_optimizer", "make_pair_batch", "make_schedule", "make_sft_batch", "make_train_step",
-    "peak_flops", "preference_step", "reference_logprobs", "sequence_logprobs", "sft_step",
-    "state_shardings", "throughput", "timed_step", "with_reference",
+    "LossConfig", "OptimizerConfig", "TrainState", "accumulate_gradients", "apply_update",
+    "check_finite", "init_train_state", "make_optimizer", "make_pair_batch", "make_schedule",
+    "make_sft_batch", "make_train_step", "peak_flops", "preference_step", "reference_logprobs",
+    "sequence_logprobs", "sft_step", "state_shardings", "throughput", "timed_step",
+    "with_reference",
 ]
 
 # Peak dense bfloat16 FLOP/s per chip, by a substring of `device.device_kind` (first match wins).
@@ -85,8 +86,13 @@ def _micro_batches(batch: dict, accum_steps: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def _accumulate(loss_fn: Callable, params, batch: dict, accum_steps: int):
-  """(loss, metrics, float32 grads) summed over micro-batches of `loss_fn(params, micro)`."""
+def accumulate_gradients(loss_fn: Callable, params, batch: dict, accum_steps: int):
+  """(loss, metrics, float32 grads) summed over micro-batches of `loss_fn(params, micro)`.
+
+  `loss_fn(params, micro) -> (loss, metrics)`; micro-batch j holds rows j, j + k, ... of every
+  [B, ...] array of `batch` (k = accum_steps), so each micro-batch's loss and metrics must be
+  normalised by whole-batch totals for the sums to equal one update on the batch.
+  """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   to_f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
   if accum_steps == 1:
@@ -106,8 +112,12 @@ def _accumulate(loss_fn: Callable, params, batch: dict, accum_steps: int):
   return loss, metrics, grads
 
 
-def _apply_update(optimizer, state: TrainState, loss, metrics: dict, grads, schedule):
-  """One optimizer update, kept only when the loss and the gradient norm are finite."""
+def apply_update(optimizer, state: TrainState, loss, metrics: dict, grads, schedule):
+  """One optimizer update, kept only when the loss and the gradient norm are finite.
+
+  Returns (new state, metrics + `loss`, `grad_norm` (before clipping), `finite`, and
+  `learning_rate` when `schedule` is given).
+  """
   grad_norm = optax.tree.norm(grads)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -126,7 +136,8 @@ def preference_step(config: models.ModelConfig, optimizer, state: TrainState, ba
                     prompt_length: Optional[int] = None, schedule=None):
   """One preference update on a pair batch (eva_jax.logprobs); pure, call it under jit.
 
-  `num_targets` and `prompt_length` are the static shapes of `logprobs.pair_logprobs`.
+  `num_targets` and `prompt_length` are the static shapes of `logprobs.pair_logprobs`. The
+  batch's `ref_*` and `*_win_prob` arrays, where present, go to the loss.
   Returns (new state, metrics): the loss's metrics (rewards, margin, accuracy, extras), and
   `chosen_logps`/`rejected_logps` (mean summed policy log-probs), `loss`, `grad_norm`
   (before clipping), `learning_rate`, `tokens` (real tokens in the batch), `finite`.
@@ -145,7 +156,9 @@ def preference_step(config: models.ModelConfig, optimizer, state: TrainState, ba
     weights_B = jnp.where(micro_weight > 0, micro["weights"], 1.0)
     loss, metrics = losses.preference_loss(
         loss_name, pc_B, pr_B, micro.get("ref_chosen"), micro.get("ref_rejected"), beta=beta,
-        chosen_lengths=lc_B, rejected_lengths=lr_B, weights=weights_B, **hparams)
+        chosen_lengths=lc_B, rejected_lengths=lr_B, weights=weights_B,
+        chosen_win_prob=micro.get("chosen_win_prob"),
+        rejected_win_prob=micro.get("rejected_win_prob"), **hparams)
     mean = lambda x_B: jnp.sum(weights_B * x_B) / jnp.sum(weights_B)
     metrics.update(chosen_logps=mean(jax.lax.stop_gradient(pc_B)),
                    rejected_logps=mean(jax.lax.stop_gradient(pr_B)))
@@ -155,8 +168,8 @@ def preference_step(config: models.ModelConfig, optimizer, state: TrainState, ba
                          ).astype(jnp.float32)
     return loss * share, metrics
 
-  loss, metrics, grads = _accumulate(loss_fn, state.params, batch, accum_steps)
-  return _apply_update(optimizer, state, loss, metrics, grads, schedule)
+  loss, metrics, grads = accumulate_gradients(loss_fn, state.params, batch, accum_steps)
+  return apply_update(optimizer, state, loss, metrics, grads, schedule)
 
 
 def sft_step(config: models.ModelConfig, optimizer, state: TrainState, batch: dict, *,
@@ -177,8 +190,8 @@ def sft_step(config: models.ModelConfig, optimizer, state: TrainState, batch: di
         "tokens": jnp.sum(micro["mask"]).astype(jnp.float32),
         "target_tokens": jnp.sum(lengths_B)}
 
-  loss, metrics, grads = _accumulate(loss_fn, state.params, batch, accum_steps)
-  return _apply_update(optimizer, state, loss, metrics, grads, schedule)
+  loss, metrics, grads = accumulate_gradients(loss_fn, state.params, batch, accum_steps)
+  return apply_update(optimizer, state, loss, metrics, grads, schedule)
 
 
 def _as_loss_config(loss_cfg) -> LossConfig:
@@ -207,6 +220,7 @@ def make_train_step(config: models.ModelConfig, optimizer, mesh, loss_cfg, *, sc
   if not sft:  # Bad beta / hparams fail here rather than at the first step.
     losses.preference_loss(loss_cfg.objective, *([jnp.zeros(1)] * 4), beta=loss_cfg.beta,
                            chosen_lengths=jnp.ones(1), rejected_lengths=jnp.ones(1),
+                           chosen_win_prob=jnp.full(1, 0.5), rejected_win_prob=jnp.full(1, 0.5),
                            **loss_cfg.hparams)
   state_sh = state_shardings(config, optimizer, mesh, rules)
   # One spec for every batch array: rows over data+fsdp, the other axes replicated.
@@ -230,7 +244,8 @@ def make_train_step(config: models.ModelConfig, optimizer, mesh, loss_cfg, *, sc
     missing = [k for k in keys if k not in batch]
     if missing:
       raise ValueError(f"{loss_cfg.objective} step: the batch lacks {missing}")
-    wanted = keys + tuple(k for k in REFERENCE_KEYS if k in batch and not sft)
+    # The losses that need no reference or win probabilities ignore them when given.
+    wanted = keys + tuple(k for k in REFERENCE_KEYS + WIN_PROB_KEYS if k in batch and not sft)
     batch = {k: batch[k] for k in wanted}
     rows = len(batch[keys[0]])
     if rows % multiple:

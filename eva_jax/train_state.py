@@ -1,7 +1,8 @@
 """Train state, optimizer and their sharded initialisation.
 
 The optimizer is an optax chain: global-norm clipping, then AdamW (or RMSprop, as the SPPO
-authors train) under a linear warm-up + cosine decay schedule. Its state keeps the parameter
+authors train) under a linear warm-up, then a cosine (or, as the SPPO authors train, linear)
+decay. Its state keeps the parameter
 dtype. The state is created through `jax.eval_shape` (no allocation), its shardings derived
 from the models' logical axes, and then one jitted init with `out_shardings` places each array
 where the update expects it.
@@ -19,6 +20,8 @@ import optax
 from eva_jax import models, sharding
 
 OPTIMIZERS = ("adamw", "rmsprop")
+# The decay after the warm-up: cosine (eva's DPO) or linear (HF's `linear`, the SPPO authors').
+SCHEDULES = ("cosine", "linear")
 
 
 @flax.struct.dataclass
@@ -36,9 +39,10 @@ class OptimizerConfig:
 
   name: str = "adamw"               # "adamw" or "rmsprop"
   learning_rate: float = 5e-7       # peak learning rate
-  total_steps: int = 1000           # optimizer updates over the run (the cosine's length)
+  total_steps: int = 1000           # optimizer updates over the run (the schedule's length)
   warmup_ratio: float = 0.1         # fraction of total_steps warmed up linearly from 0
-  end_learning_rate: float = 0.0    # learning rate the cosine decays to
+  end_learning_rate: float = 0.0    # learning rate the decay ends at
+  schedule: str = "cosine"          # the decay after the warm-up: "cosine" or "linear"
   weight_decay: float = 0.0         # decoupled (AdamW) / L2 added to the gradient (RMSprop)
   b1: float = 0.9                   # AdamW
   b2: float = 0.999                 # AdamW
@@ -49,6 +53,9 @@ class OptimizerConfig:
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
       raise ValueError(f"OptimizerConfig.name must be one of {OPTIMIZERS}, got {self.name!r}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"OptimizerConfig.schedule must be one of {SCHEDULES}, got "
+                       f"{self.schedule!r}")
     if not self.learning_rate > 0 or self.total_steps < 1:
       raise ValueError(f"OptimizerConfig needs learning_rate > 0 and total_steps >= 1, got "
                        f"{self.learning_rate} and {self.total_steps}")
@@ -73,9 +80,22 @@ def _as_optimizer_config(cfg) -> OptimizerConfig:
 
 
 def make_schedule(cfg) -> optax.Schedule:
-  """Learning rate per optimizer step: linear warm-up from 0, then cosine to end_learning_rate."""
+  """Learning rate per optimizer step: linear warm-up from 0 over int(warmup_ratio ·
+  total_steps) steps, then `cfg.schedule` down to end_learning_rate at total_steps.
+
+  "linear" is HF's get_linear_schedule_with_warmup (the SPPO authors' `lr_scheduler_type:
+  linear`): peak · (total − step) / (total − warm-up) after the warm-up, with end 0.
+  """
   cfg = _as_optimizer_config(cfg)
   warmup = int(cfg.warmup_ratio * cfg.total_steps)
+  if cfg.schedule == "linear":
+    decay = optax.linear_schedule(init_value=cfg.learning_rate, end_value=cfg.end_learning_rate,
+                                  transition_steps=max(cfg.total_steps - warmup, 1))
+    if warmup == 0:
+      return decay
+    return optax.join_schedules(
+        [optax.linear_schedule(init_value=0.0, end_value=cfg.learning_rate,
+                               transition_steps=warmup), decay], boundaries=[warmup])
   if warmup == 0:
     # The same values as the warm-up form with 0 warm-up steps (optax joins at step 0), without
     # optax's warning about a zero-length linear schedule.

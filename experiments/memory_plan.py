@@ -187,8 +187,8 @@ def compile_reward_forward(config: models.ModelConfig, mesh, *, batch: int, leng
   rows = jax.ShapeDtypeStruct((batch, length), jnp.int32,
                               sharding=sharding.batch_sharding(mesh, 2))
   with sharding.activation_rules(mesh):
-    return reward._jitted_forward(config, mesh).lower(abstract_params(config, mesh), rows,
-                                                      rows).compile()
+    return reward._jitted_forward(config, mesh, sharding.DEFAULT_RULES).lower(
+        abstract_params(config, mesh), rows, rows).compile()
 
 
 # ---------------------------------------------------------------------------------------------

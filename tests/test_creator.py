@@ -55,6 +55,23 @@ def test_metrics_with_two_responses():
     np.testing.assert_allclose(creator.informativeness(rewards, metric), values, atol=1e-12)
 
 
+def test_authors_loo_is_zero_and_ours_is_not():
+  # A NumPy transcription of the authors' `leave_one_out` (src/reward_hf.py): the mean over i
+  # of the signed advantage r_i - (sum r - r_i) / (N - 1).
+  def authors_loo(r_N):
+    num = len(r_N)
+    return np.mean([r_N[i] - (r_N.sum() - r_N[i]) / (num - 1) for i in range(num)])
+
+  rewards = np.random.default_rng(0).normal(0.1, 2.0, (50, 6))
+  theirs = np.array([authors_loo(r) for r in rewards])
+  np.testing.assert_allclose(theirs, 0.0, atol=1e-14)
+  ours = creator.informativeness(rewards, "loo")
+  assert np.all(ours > 0.1)
+  # Ours is N / (N - 1) times the mean absolute deviation.
+  mad = np.abs(rewards - rewards.mean(axis=1, keepdims=True)).mean(axis=1)
+  np.testing.assert_allclose(ours, 6.0 / 5.0 * mad, rtol=1e-12)
+
+
 def test_metric_accepts_jax_and_equal_prompts():
   scores = creator.informativeness(jax.numpy.ones((3, 5), jax.numpy.float32), "gap_inv")
   assert isinstance(scores, np.ndarray)

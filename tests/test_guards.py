@@ -77,6 +77,9 @@ def test_echo_of_the_template_wording_without_markers():
     "I have rewritten the request to ask for a streaming merge of sorted files.",
     "Merge sorted lists lazily in Python. Let me know if you need anything else.",
     "Here\u2019s the rewritten prompt: merge two sorted lists without using sort().",
+    # Seen on SmolLM2-135M-Instruct (configs/real_small.py): commentary, then the prompt.
+    "To make this request more challenging, I'll just modify the original to: merge k lists.",
+    "Merge k sorted lists in Go; I'll just rewrite the original with a memory bound.",
 ])
 def test_replies_to_the_requester(reply):
   assert run([reply])[1] == [(0, "assistant_reply")]
@@ -88,6 +91,8 @@ def test_replies_to_the_requester(reply):
     "Given the user's initial prompt 'merge lists', write the revised prompt with examples.",
     "Sure-fire ways to merge two sorted lists in C without allocating: what are they?",
     "Certainly the fastest merge is linear, but can you prove it needs n - 1 comparisons?",
+    "To make this function more efficient, how would you rewrite it? def f(a): return a[::-1]",
+    "I'll modify the schedule next week; which merge order minimises the total cost?",
 ])
 def test_real_prompts_that_look_like_replies_are_kept(prompt):
   kept, rejected = run([prompt], reject_answers=True)

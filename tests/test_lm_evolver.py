@@ -3,14 +3,17 @@ sampling -> decoding -> parsing -> filters -> buffer, once with a tiny random mo
 text, but real shapes, chains and requests) and once with a scripted stand-in for the sampler
 (known replies, so parsing, filtering and provenance can be checked exactly)."""
 import collections
+import contextlib
 import logging
 import re
+import types
 
 import jax
 import numpy as np
 import pytest
 
-from eva_jax import creator, lm_evolver, models, sampling
+from configs import default as default_config
+from eva_jax import creator, lm_evolver, models, sampling, stages
 from eva_jax.buffer import PromptBuffer
 from eva_jax.lm_evolver import LMEvolver
 from eva_jax.models import tokenizer as tk
@@ -338,3 +341,57 @@ def test_scripted_mix_requests_hold_both_prompts(tok, tiny_model, monkeypatch):
     assert second in texts and second != texts[i]
   assert [c.text for s in (1, 2) for c in (by_chain[f"0-{i}"][s - 1] for i in range(3))] == [
       harder(original, "mix", n) for n, (original, _, _) in enumerate(scripted.requests, 1)]
+
+
+class FakeBars:
+  """A progress factory (the `stages.no_progress` protocol) that records every bar."""
+
+  def __init__(self):
+    self.bars = []
+
+  def __call__(self, desc, total, unit="it"):
+    bar = types.SimpleNamespace(desc=desc, total=total, unit=unit, updates=[], postfix={},
+                                closed=False)
+    bar.update = bar.updates.append
+    bar.set_postfix = lambda **kw: bar.postfix.update(kw)
+
+    @contextlib.contextmanager
+    def opened():
+      yield bar
+      bar.closed = True
+    self.bars.append(bar)
+    return opened()
+
+
+def test_progress_one_bar_per_step_counts_requests(tok, tiny_model, monkeypatch):
+  config, params = tiny_model
+  monkeypatch.setattr(sampling, "sample", ScriptedSampler(tok))
+  bars = FakeBars()
+  # The long prompt's request is skipped, so step 1 sends 4 requests; the sky's reply is cut
+  # off (its chain ends), so steps 2 and 3 send 3 (ScriptedSampler's rules).
+  evolver = LMEvolver(config, params, tok, num_chained=3, max_new_tokens=96, batch_size=3,
+                      max_prompt_tokens=512, progress=bars,
+                      method_weights={m: 1.0 for m in creator.IN_DEPTH_METHODS})
+  evolver.evolve(make_buffer(PROMPTS + [LONG_PROMPT]).base_records(), rng=3, iteration=1)
+  assert [(b.desc, b.total, b.unit) for b in bars.bars] == [
+      ("evolve 1/3", 4, "request"), ("evolve 2/3", 3, "request"), ("evolve 3/3", 3, "request")]
+  assert [b.updates for b in bars.bars] == [[3, 1], [3], [3]]  # One update per sampled chunk.
+  assert [b.postfix for b in bars.bars] == [{"parsed": 3, "cut_off": 1},
+                                            {"parsed": 3, "cut_off": 0},
+                                            {"parsed": 3, "cut_off": 0}]
+  assert all(b.closed for b in bars.bars)
+
+
+def test_from_config_reads_the_creator_sampling_fields(tok, tiny_model):
+  config, params = tiny_model
+  cfg = default_config.get_config().creator
+  policy = stages.Policy(config, params, tok, None)
+  evolver = lm_evolver.from_config(cfg, source=None, policy=policy)
+  # The defaults the config file states: T 0.7, top-p 0.9, 1024 new tokens.
+  assert (evolver.temperature, evolver.top_p, evolver.max_new_tokens) == (0.7, 0.9, 1024)
+  assert evolver.progress is stages.no_progress and evolver.rules is policy.rules
+  cfg.temperature, cfg.top_p, cfg.max_new_tokens = 0.88, 1.0, 666
+  bars = FakeBars()
+  evolver = lm_evolver.from_config(cfg, source=None, policy=policy, progress=bars)
+  assert (evolver.temperature, evolver.top_p, evolver.max_new_tokens) == (0.88, 1.0, 666)
+  assert evolver.progress is bars

@@ -48,6 +48,15 @@ def ref_sppo_hard(x, beta, w):
   return (a - 1.0 / (2 * beta)) ** 2 + (b + 1.0 / (2 * beta)) ** 2, beta * a, beta * b, {}
 
 
+def ref_sppo(x, beta, w):
+  # Wu et al. 2024: (log π/π_t(y) − η(P(y ≻ π_t) − ½))² for the chosen and the rejected, η = 1/β.
+  eta = 1.0 / beta
+  a = x["pc"] - x["rc"]
+  b = x["pr"] - x["rr"]
+  return ((a - eta * (x["wc"] - 0.5)) ** 2 + (b - eta * (x["wr"] - 0.5)) ** 2, beta * a, beta * b,
+          {"chosen_win_prob": x["wc"], "rejected_win_prob": x["wr"]})
+
+
 def ref_simpo(x, beta, w, gamma_beta_ratio=0.5, label_smoothing=0.0):
   gamma = gamma_beta_ratio * beta
   z = beta * x["pc"] / x["lc"] - beta * x["pr"] / x["lr"] - gamma
@@ -66,10 +75,11 @@ def ref_orpo(x, beta, w):
           {"nll": nll, "log_odds": log_odds, "odds_ratio_loss": ratio_loss})
 
 
-def ref_rpo(x, beta, w, alpha=1.0):
+def ref_rpo(x, beta, w, alpha=1.0, penalize_length_nll=False):
   h = (x["pc"] - x["rc"]) - (x["pr"] - x["rr"])
   dpo = -np_log_sigmoid(beta * h)
-  nll = -x["pc"] / x["lc"]
+  # Paper: chosen NLL over its length; the eva authors' penalize_length_nll divides once more.
+  nll = -x["pc"] / x["lc"] / (x["lc"] if penalize_length_nll else 1.0)
   return (dpo + alpha * nll, beta * (x["pc"] - x["rc"]), beta * (x["pr"] - x["rr"]),
           {"nll": nll, "dpo_loss": dpo})
 
@@ -92,8 +102,8 @@ def ref_nca_pair(x, beta, w):
 
 REFERENCES = {
     "dpo": ref_dpo, "ipo": ref_ipo, "hinge": ref_hinge, "sppo_hard": ref_sppo_hard,
-    "simpo": ref_simpo, "orpo": ref_orpo, "rpo": ref_rpo, "bco_pair": ref_bco_pair,
-    "nca_pair": ref_nca_pair,
+    "sppo": ref_sppo, "simpo": ref_simpo, "orpo": ref_orpo, "rpo": ref_rpo,
+    "bco_pair": ref_bco_pair, "nca_pair": ref_nca_pair,
 }
 
 CASES = [
@@ -102,10 +112,12 @@ CASES = [
     ("ipo", 0.6, {}),
     ("hinge", 0.1, {}),
     ("sppo_hard", 0.5, {}),
+    ("sppo", 0.5, {}),
     ("simpo", 2.0, {}),
     ("simpo", 2.0, {"gamma_beta_ratio": 0.8, "label_smoothing": 0.1}),
     ("orpo", 0.1, {}),
     ("rpo", 0.1, {"alpha": 0.7}),
+    ("rpo", 0.1, {"alpha": 0.7, "penalize_length_nll": True}),
     ("bco_pair", 0.1, {}),
     ("bco_pair", 0.1, {"delta": 0.3}),
     ("nca_pair", 0.1, {}),
@@ -115,7 +127,8 @@ CASE_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in hp.items()) or 'default'}"
 
 
 def make_inputs(seed=0, batch=B):
-  """Float32-representable float64 inputs: mean log-probs in [-2.5, -0.1], lengths 1..12."""
+  """Float32-representable float64 inputs: mean log-probs in [-2.5, -0.1], lengths 1..12, win
+  probabilities in [0, 1]."""
   rng = np.random.default_rng(seed)
   lc = rng.integers(1, 13, batch).astype(np.float64)
   lr = rng.integers(1, 13, batch).astype(np.float64)
@@ -123,7 +136,8 @@ def make_inputs(seed=0, batch=B):
   pr = -lr * rng.uniform(0.1, 2.5, batch)
   rc = pc + rng.normal(0.0, 5.0, batch)
   rr = pr + rng.normal(0.0, 5.0, batch)
-  x = {"pc": pc, "pr": pr, "rc": rc, "rr": rr, "lc": lc, "lr": lr}
+  wc, wr = rng.uniform(0.0, 1.0, batch), rng.uniform(0.0, 1.0, batch)
+  x = {"pc": pc, "pr": pr, "rc": rc, "rr": rr, "lc": lc, "lr": lr, "wc": wc, "wr": wr}
   # Round through float32 so both sides see the same numbers.
   return {k: v.astype(np.float32).astype(np.float64) for k, v in x.items()}
 
@@ -134,7 +148,9 @@ def jax_loss(name, x, beta, weights=None, **hp):
       jnp.asarray(x["rc"], jnp.float32), jnp.asarray(x["rr"], jnp.float32), beta=beta,
       chosen_lengths=jnp.asarray(x["lc"], jnp.int32),
       rejected_lengths=jnp.asarray(x["lr"], jnp.int32),
-      weights=None if weights is None else jnp.asarray(weights, jnp.float32), **hp)
+      weights=None if weights is None else jnp.asarray(weights, jnp.float32),
+      chosen_win_prob=jnp.asarray(x["wc"], jnp.float32),
+      rejected_win_prob=jnp.asarray(x["wr"], jnp.float32), **hp)
 
 
 def np_weighted_mean(v, w):
@@ -297,8 +313,8 @@ def test_missing_lengths(name):
     _call(name, rejected_lengths=None)
 
 
-@pytest.mark.parametrize("name",
-                         ["dpo", "ipo", "hinge", "sppo_hard", "rpo", "bco_pair", "nca_pair"])
+@pytest.mark.parametrize(
+    "name", ["dpo", "ipo", "hinge", "sppo_hard", "sppo", "rpo", "bco_pair", "nca_pair"])
 def test_missing_reference(name):
   with pytest.raises(ValueError, match=f"{name}.*needs reference log-probs"):
     _call(name, ref_chosen=None)
@@ -342,3 +358,77 @@ def test_bad_shapes():
     _call(policy_chosen=np.zeros((2, 3)))
   with pytest.raises(ValueError, match=r"weights must have shape \[6\]"):
     _call(weights=np.ones(3))
+
+
+def test_sppo_needs_win_probabilities():
+  with pytest.raises(ValueError, match="sppo.*pass chosen_win_prob and rejected_win_prob"):
+    _call("sppo", rejected_win_prob=None, chosen_win_prob=np.full(B, 0.5))
+
+
+def test_rpo_penalize_length_nll_must_be_a_bool():
+  with pytest.raises(TypeError, match="rpo hparam penalize_length_nll must be a bool, got 1.0"):
+    _call("rpo", penalize_length_nll=1.0)
+  assert losses.loss_hparams("rpo") == {"alpha": 1.0, "penalize_length_nll": False}
+
+
+def test_soft_sppo_with_certain_outcomes_is_sppo_hard():
+  x = make_inputs(seed=11)
+  x.update(wc=np.ones(B), wr=np.zeros(B))
+  soft, soft_metrics = jax_loss("sppo", x, 0.5)
+  hard, hard_metrics = jax_loss("sppo_hard", x, 0.5)
+  np.testing.assert_allclose(soft, hard, rtol=1e-6)
+  for key in hard_metrics:
+    np.testing.assert_allclose(soft_metrics[key], hard_metrics[key], rtol=1e-6, err_msg=key)
+
+
+def test_rpo_penalized_nll_is_the_authors_one_pair_micro_batch():
+  # The authors' trainer: token-mean NLL of the chosen tokens of a device's micro-batch, divided
+  # by the number of those tokens; their RPO runs hold one pair per device.
+  rng = np.random.default_rng(12)
+  token_logps = [np.log(rng.uniform(0.05, 0.95, n)) for n in (3, 7, 11)]
+  authors = [np.mean(-t) / len(t) for t in token_logps]
+  pc = np.array([t.sum() for t in token_logps])
+  lc = np.array([len(t) for t in token_logps], np.float64)
+  for i in range(3):
+    _, metrics = losses.preference_loss(
+        "rpo", pc[i:i + 1], pc[i:i + 1] - 1.0, pc[i:i + 1], pc[i:i + 1], beta=0.1,
+        chosen_lengths=lc[i:i + 1], rejected_lengths=lc[i:i + 1], penalize_length_nll=True)
+    np.testing.assert_allclose(metrics["nll"], authors[i], rtol=1e-6)
+
+
+def test_win_probabilities_by_hand():
+  ln3 = math.log(3.0)
+  # σ(±ln 3) = 3/4, 1/4; σ(±2 ln 3) = 9/10, 1/10; each row averages over j = 1..3, j = i included.
+  rewards = np.array([[0.0, ln3, 2 * ln3], [5.0, 5.0, 5.0 + ln3]])
+  want = np.array([[(0.5 + 0.25 + 0.1) / 3, (0.75 + 0.5 + 0.25) / 3, (0.9 + 0.75 + 0.5) / 3],
+                   [(0.5 + 0.5 + 0.25) / 3, (0.5 + 0.5 + 0.25) / 3, (0.75 + 0.75 + 0.5) / 3]])
+  got = losses.win_probabilities(rewards)
+  assert got.shape == (2, 3) and got.dtype == np.float64
+  np.testing.assert_allclose(got, want, rtol=1e-12)
+  np.testing.assert_allclose(losses.win_probabilities(rewards / 2.0, scale=2.0), want, rtol=1e-12)
+
+
+def test_win_probabilities_ignore_a_reward_shift_and_average_one_half():
+  rewards = np.random.default_rng(13).normal(0.0, 3.0, (4, 6))
+  probs = losses.win_probabilities(rewards)
+  shift_P1 = np.array([[-7.0], [0.5], [100.0], [3.0]])
+  np.testing.assert_allclose(losses.win_probabilities(rewards + shift_P1), probs, atol=1e-12)
+  np.testing.assert_allclose(losses.win_probabilities(rewards - 42.0), probs, atol=1e-12)
+  np.testing.assert_allclose(probs.mean(axis=1), 0.5, atol=1e-12)
+  # The best response of each prompt has the highest win probability.
+  np.testing.assert_array_equal(probs.argmax(axis=1), rewards.argmax(axis=1))
+  # Far-apart rewards stay finite and in [0, 1].
+  extreme = losses.win_probabilities(np.array([[-1e6, 0.0, 1e6]]))
+  np.testing.assert_allclose(extreme, [[0.5 / 3, 1.5 / 3, 2.5 / 3]], atol=1e-12)
+
+
+@pytest.mark.parametrize("rewards,kwargs,error,pattern", [
+    (np.zeros(3), {}, ValueError, r"\[P, N\] rewards with N >= 2, got shape \[3\]"),
+    (np.zeros((2, 1)), {}, ValueError, r"N >= 2, got shape \[2, 1\]"),
+    (np.array([[0.0, np.nan]]), {}, ValueError, "rewards must be finite"),
+    (np.zeros((1, 2)), {"scale": 0.0}, ValueError, "scale must be a positive finite number"),
+    (np.zeros((1, 2)), {"scale": "1"}, TypeError, "scale must be a Python real number"),
+])
+def test_win_probabilities_bad_input(rewards, kwargs, error, pattern):
+  with pytest.raises(error, match=pattern):
+    losses.win_probabilities(rewards, **kwargs)

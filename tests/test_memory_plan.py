@@ -78,3 +78,16 @@ def test_params_bytes_shrink_with_the_mesh():
   # Everything but the (replicated) norm scales is split 8 ways along `embed`.
   norms = 4 * nine_b.hidden_size * (4 * nine_b.num_layers + 1)
   assert per_device == (full - norms) // 8 + norms
+
+
+def test_reward_forward_bytes_per_device():
+  """The reward program the plan compiles: its arguments are the placed params and two [8, 16]
+  int32 inputs (tokens, mask) split over the 8 batch shards; one float32 score per row comes
+  back replicated."""
+  config = models.tiny("llama", vocab_size=512, num_layers=2, num_labels=1)
+  mesh = _mesh(8)
+  mem = memory_plan.memory_of(memory_plan.compile_reward_forward(config, mesh, batch=8,
+                                                                 length=16))
+  rows_bytes = 2 * 8 * 16 * 4 // 8
+  assert mem["argument"] == memory_plan.params_bytes_per_device(config, mesh) + rows_bytes
+  assert mem["output"] == 8 * 4

@@ -282,8 +282,10 @@ def test_armorm_head_matches_numpy_reference():
   for i in range(4):
     t[f"gating.layers.{i}.weight"] = rng.normal(size=(dims[i + 1], dims[i])) / np.sqrt(dims[i])
     t[f"gating.layers.{i}.bias"] = rng.normal(size=(dims[i + 1],))
-  assert sorted(armorm.head_tensor_names(head)) == sorted(t)
+  # regression_layer.weight loads as the backbone's `score` ([D, O]); the rest is the head.
+  assert sorted(armorm.head_tensor_names(head) + ["regression_layer.weight"]) == sorted(t)
   params = armorm.head_params_from_tensors(head, t, d)
+  score_DxO = t["regression_layer.weight"].T
   # Two rows: right padded, and left padded; the pattern occurs twice in the first row.
   ids = [[1, 7, 8, 9, 4, 7, 8, 9, 5, 6], [3, 7, 8, 9, 2]]
   assert [armorm.gating_position(s, pattern) for s in ids] == [5, 1]
@@ -291,7 +293,7 @@ def test_armorm_head_matches_numpy_reference():
   gate_B = np.array([5, 7 + 1])
   last_B = np.array([9, 11])
   hidden = rng.normal(size=(2, 12, d)).astype(np.float32)
-  score, rewards, gate = armorm.head_scores(head, params, hidden, mask, gate_B)
+  score, rewards, gate = armorm.head_scores(head, params, score_DxO, hidden, mask, gate_B)
   ref = _numpy_armo_score(t, hidden, last_B, gate_B, 10.0, 3)
   print(f"armorm head: max |score diff| = {np.abs(np.asarray(score) - ref).max():.1e}")
   assert np.abs(np.asarray(score) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from eva_jax import models, sampling, sharding  # noqa: E402
+from eva_jax import models, sampling, sharding, token_select  # noqa: E402
 from eva_jax.models import hf  # noqa: E402
 from tests import hf_fixtures  # noqa: E402
 
@@ -141,7 +141,7 @@ def _reference_probs(logits, temperature, top_k, top_p):
 
 def _draw(logits, draws, seed, **kw):
   keys = jax.random.split(jax.random.key(seed), draws)
-  fn = jax.jit(lambda l, k: sampling.select_tokens(l, k, **kw))
+  fn = jax.jit(lambda l, k: token_select.select_tokens(l, k, **kw))
   tokens, logprobs = fn(jnp.broadcast_to(jnp.asarray(logits), (draws, len(logits))), keys)
   return np.asarray(tokens), np.asarray(logprobs)
 
@@ -264,7 +264,7 @@ def test_select_marks_non_finite_rows(kw):
   logits[1, 17] = np.nan
   logits[2, 5] = np.inf
   logits[3] = -np.inf
-  tokens, logprobs = jax.jit(lambda l, k: sampling.select_tokens(l, k, **kw))(
+  tokens, logprobs = jax.jit(lambda l, k: token_select.select_tokens(l, k, **kw))(
       jnp.asarray(logits), jax.random.split(jax.random.key(0), 4))
   tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
   np.testing.assert_array_equal(tokens[1:], [-1, -1, -1])

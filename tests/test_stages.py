@@ -40,6 +40,31 @@ def test_min_chosen_reward_drops_pairs_whose_best_is_below_it():
                                      min_chosen_reward=-math.inf)) == 3
 
 
+def _sigmoid(x):
+  return 1.0 / (1.0 + math.exp(-x))
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_best_worst_pairs_win_probabilities_by_hand(scale):
+  """Each pair's responses' win probabilities against all 3 samples of its prompt (the response
+  itself included): mean over j of σ(scale · (r_i − r_j)), from REWARDS."""
+  s = lambda d: _sigmoid(scale * d)  # noqa: E731
+  want = [  # (chosen, rejected) of prompts a, c, d
+      ((s(0.8) + s(0.0) + s(0.5)) / 3, (s(0.0) + s(-0.8) + s(-0.3)) / 3),
+      ((s(0.2) + s(0.5) + s(0.0)) / 3, (s(-0.3) + s(0.0) + s(-0.5)) / 3),
+      ((s(1.0) + s(0.0) + s(1.0)) / 3, (s(0.0) + s(-1.0) + s(0.0)) / 3)]
+  pairs = stages.best_worst_pairs(PROMPTS, GEN, REWARDS, "base", win_prob_scale=scale)
+  np.testing.assert_allclose([(p["chosen_win_prob"], p["rejected_win_prob"]) for p in pairs],
+                             want, rtol=1e-6)
+  # The other fields are those of the pairs without win probabilities.
+  assert [{k: v for k, v in p.items() if "win_prob" not in k} for p in pairs] == [
+      {"prompt": pr, "chosen": c, "rejected": r, "chosen_reward": pytest.approx(cr),
+       "rejected_reward": pytest.approx(rr), "source": "base"}
+      for pr, c, r, cr, rr in (("a", [1, 99], [0, 99], 1.0, 0.2),
+                               ("c", [22, 99], [21, 99], 0.6, 0.1),
+                               ("d", [31, 99], [30, 99], 1.0, 0.0))]
+
+
 # --- generate: the one sampling loop, with the keys the runner has always used ---
 
 SYNTH_PROMPTS = synthetic.base_prompts(5, seed=1, max_level=2)
@@ -117,3 +142,110 @@ def test_mix_static_takes_a_shuffled_capped_slice_of_the_base_pairs():
   mixed = stages.mix(base, [], np.random.default_rng(0), creator_cfg=off, num_pairs=4)
   order = np.random.default_rng(0).permutation(6)
   assert mixed == [base[i] for i in order[:4]]
+
+
+# --- axis rules: from the config's mesh.rules to where the policy and its updates live ---
+
+
+def test_config_axis_rules_place_the_policy_and_its_update(policy):
+  """An override in `c.mesh.rules` moves the parameters it names (the embedding loses its fsdp
+  split, the MLP goes over fsdp x tensor) for the placed policy and for the state the update
+  returns; the update's numbers match the default placement's (placement is not math)."""
+  from configs import default
+  from eva_jax import config_check, sharding
+  c = default.get_config("smoke")
+  c.mesh.rules.embed = ""
+  c.mesh.rules.mlp = "fsdp,tensor"
+  rules = sharding.rules_from_config(c.mesh.rules)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+
+  def placed(rules):
+    params = jax.device_put(policy.params,
+                            sharding.param_shardings(policy.model_config, mesh, rules))
+    return stages.Policy(policy.model_config, params, policy.tokenizer, mesh, rules)
+
+  tok = policy.tokenizer
+  ids = [tok.encode(p)[:6] for p in SYNTH_PROMPTS]
+  pairs = [{"prompt": p, "chosen": ids[i][:3] + list(tok.eos_ids),
+            "rejected": ids[(i + 1) % len(ids)][:4] + list(tok.eos_ids)}
+           for i, p in enumerate(SYNTH_PROMPTS[:4])]
+  train_cfg = types.SimpleNamespace(**{**c.train.to_dict(), "hparams": {}, "batch_size": 4,
+                                        "num_pairs": 4, "epochs": 1})
+  states = {}
+  for name, r in (("override", rules), ("default", sharding.DEFAULT_RULES)):
+    pol = placed(r)
+    ref = stages.reference(pol, pairs, train_cfg=train_cfg)
+    states[name] = stages.train_iteration(pol, pairs, ref, np.random.default_rng(0),
+                                          lambda *a: None, train_cfg=train_cfg)
+  for name, spec_embed, spec_up in (("default", ("tensor", "fsdp"), (None, "fsdp", "tensor")),
+                                    ("override", ("tensor", None),
+                                     (None, None, ("fsdp", "tensor")))):
+    params = states[name].params
+    assert tuple(params["embedding"].sharding.spec) == spec_embed, name
+    assert tuple(params["layers"]["mlp"]["up"].sharding.spec) == spec_up, name
+  diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+             zip(jax.tree.leaves(states["override"].params),
+                 jax.tree.leaves(states["default"].params)))
+  assert diff <= 1e-6
+  # A bad rule is one config error naming the field.
+  c.mesh.rules.embed = "model"
+  with pytest.raises(ValueError, match="mesh.rules.*unknown mesh axis 'model'"):
+    config_check.validate(c)
+
+
+# --- soft SPPO end to end: rewards -> pairs with win probabilities -> batches -> a step ---
+
+
+def _sppo_pairs(tok):
+  """best_worst_pairs on REWARDS over 4 synthetic prompts, 3 tokenised responses each."""
+  texts = [[synthetic.solve(p)[:n + 2] for n in range(3)] for p in SYNTH_PROMPTS[:4]]
+  ids = [[tok.encode(t)[:4] + list(tok.eos_ids) for t in row] for row in texts]
+  width = max(len(x) for row in ids for x in row)
+  padded = [[x + [tok.pad_id] * (width - len(x)) for x in row] for row in ids]
+  gen = {"tokens": np.array(padded), "lengths": np.array([[len(x) for x in row] for row in ids])}
+  return stages.best_worst_pairs(SYNTH_PROMPTS[:4], gen, REWARDS, "base")
+
+
+def test_pair_batches_carry_win_probabilities_when_the_pairs_do(policy):
+  from eva_jax import sharding
+  pol = stages.Policy(policy.model_config, policy.params, policy.tokenizer,
+                      sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  pairs = _sppo_pairs(policy.tokenizer)
+  cfg = types.SimpleNamespace(batch_size=4, grad_accum=1, max_length=24, max_prompt_length=12)
+  (batch,) = stages._pair_batches(pol, pairs, cfg)
+  np.testing.assert_allclose(batch["chosen_win_prob"],
+                             [p["chosen_win_prob"] for p in pairs] + [0.5], rtol=1e-6)
+  np.testing.assert_allclose(batch["rejected_win_prob"],
+                             [p["rejected_win_prob"] for p in pairs] + [0.5], rtol=1e-6)
+  # Pairs cached before win probabilities existed still make batches, without them.
+  old = [{k: v for k, v in p.items() if "win_prob" not in k} for p in pairs]
+  (old_batch,) = stages._pair_batches(pol, old, cfg)
+  assert set(old_batch) == set(batch) - {"chosen_win_prob", "rejected_win_prob"}
+  for key in old_batch:
+    np.testing.assert_array_equal(old_batch[key], batch[key])
+  with pytest.raises(ValueError, match="2 of 3 pairs carry win probabilities"):
+    stages._pair_batches(pol, pairs[:2] + old[2:], cfg)
+
+
+def test_sppo_trains_from_pairs_with_win_probabilities(policy):
+  """train_iteration with `sppo` on the pairs of best_worst_pairs: the policy is its own
+  reference, so the first loss is the mean over pairs of ((p_c − ½)/β)² + ((p_r − ½)/β)²."""
+  from configs import default
+  from eva_jax import sharding
+  pol = stages.Policy(policy.model_config, policy.params, policy.tokenizer,
+                      sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  pairs = _sppo_pairs(policy.tokenizer)
+  c = default.get_config("smoke")
+  train_cfg = types.SimpleNamespace(**{
+      **c.train.to_dict(), "loss": "sppo", "beta": 0.5, "hparams": {}, "optimizer": "rmsprop",
+      "schedule": "linear", "batch_size": 4, "num_pairs": 4, "epochs": 1})
+  ref = stages.reference(pol, pairs, train_cfg=train_cfg)
+  logged = []
+  stages.train_iteration(pol, pairs, ref, np.random.default_rng(0),
+                         lambda step, epoch, m: logged.append(m), train_cfg=train_cfg)
+  assert len(logged) == 1 and logged[0]["finite"]
+  want = np.mean([((p["chosen_win_prob"] - 0.5) / 0.5) ** 2
+                  + ((p["rejected_win_prob"] - 0.5) / 0.5) ** 2 for p in pairs])
+  assert logged[0]["loss"] == pytest.approx(want, rel=1e-4)
+  assert logged[0]["chosen_win_prob"] == pytest.approx(
+      np.mean([p["chosen_win_prob"] for p in pairs]), rel=1e-6)

@@ -149,6 +149,24 @@ def test_make_pair_batch_errors(kwargs, message):
                              max_prompt_length=args["max_prompt_length"], pad_id=0)
 
 
+def test_make_pair_batch_win_probabilities():
+  args = ([[1], [2]], [[3], [4]], [[5], [6]])
+  kwargs = dict(max_length=16, max_prompt_length=8, pad_id=0, batch_multiple=4)
+  b = logprobs.make_pair_batch(*args, chosen_win_prob=[0.9, 0.6], rejected_win_prob=[0.1, 0.25],
+                               **kwargs)
+  # Padding pairs (weight 0) get 1/2, a target of 0 for the SPPO log-ratio.
+  np.testing.assert_array_equal(b["chosen_win_prob"], np.float32([0.9, 0.6, 0.5, 0.5]))
+  np.testing.assert_array_equal(b["rejected_win_prob"], np.float32([0.1, 0.25, 0.5, 0.5]))
+  assert b["chosen_win_prob"].dtype == np.float32
+  assert not set(logprobs.WIN_PROB_KEYS) & set(logprobs.make_pair_batch(*args, **kwargs))
+  with pytest.raises(ValueError, match="both chosen_win_prob and rejected_win_prob"):
+    logprobs.make_pair_batch(*args, chosen_win_prob=[0.9, 0.6], **kwargs)
+  for bad in ([0.5], [0.5, 1.5], [0.5, np.nan]):
+    with pytest.raises(ValueError, match=r"rejected_win_prob needs one value in \[0, 1\]"):
+      logprobs.make_pair_batch(*args, chosen_win_prob=[0.9, 0.6], rejected_win_prob=bad,
+                               **kwargs)
+
+
 # --- log-probs -------------------------------------------------------------------------------
 
 
@@ -309,6 +327,43 @@ def test_step_rejects_bad_batches(single, batch):
     train.LossConfig("no_such_loss")
 
 
+def test_soft_sppo_step_regresses_log_ratios_on_the_batch_win_probabilities(params0, batch):
+  """The sppo step (2 accumulated micro-batches) against SPPO's square loss written out here on
+  the plain-path log-probs, with the batch's win probabilities: same loss and clipped gradient.
+  The policy is its own reference, so the log-ratios are 0 and every pair has a gradient."""
+  rng = np.random.default_rng(3)
+  real = np.arange(BATCH) < NUM_PAIRS
+  win = {key: np.where(real, rng.uniform(size=BATCH), 0.5).astype(np.float32)
+         for key in logprobs.WIN_PROB_KEYS}
+  beta = 0.5
+  loss_cfg = train.LossConfig("sppo", beta=beta, accum_steps=2, bucket=BUCKET)
+  mesh, optimizer = _mesh(1, 1, 1), train_state.make_optimizer(OPT_CFG)
+  step = train.make_train_step(CONFIG, optimizer, mesh, loss_cfg)
+  state = train_state.init_train_state(CONFIG, optimizer, mesh, params=params0)
+  with pytest.raises(ValueError, match="sppo.*chosen_win_prob and rejected_win_prob"):
+    step(state, batch)   # fails while tracing: the state is not donated
+  state, metrics = step(state, dict(batch, **win))
+
+  w = batch["weights"]
+  def by_hand(params):
+    logps = {side: logprobs.sequence_logprobs(CONFIG, params, batch[f"{side}_tokens"],
+                                              batch[f"{side}_mask"],
+                                              batch[f"{side}_loss_mask"])[0]
+             for side in ("chosen", "rejected")}
+    per_pair = sum((logps[side] - batch[f"ref_{side}"] - (win[f"{side}_win_prob"] - 0.5) / beta)
+                   ** 2 for side in ("chosen", "rejected"))
+    return jnp.sum(w * per_pair) / jnp.sum(w)
+  loss, grads = jax.jit(jax.value_and_grad(by_hand))(params0)
+  norm = math.sqrt(sum(float(jnp.sum(g.astype(jnp.float32) ** 2)) for g in jax.tree.leaves(grads)))
+  assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-5)
+  assert float(metrics["grad_norm"]) == pytest.approx(norm, rel=1e-4)
+  assert float(metrics["chosen_win_prob"]) == pytest.approx(win["chosen_win_prob"][real].mean())
+  clip = min(1.0, OPT_CFG.max_grad_norm / norm)
+  for got, want in zip(_first_moment_grads(state), jax.tree.leaves(grads)):
+    want = np.asarray(want) * clip
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max())
+
+
 # --- optimizer -------------------------------------------------------------------------------
 
 
@@ -323,6 +378,23 @@ def test_schedule_is_linear_warmup_then_cosine():
       progress = min(step - 5, 15) / 15
       expected = 0.5 + 0.5 * (2.0 - 0.5) * (1 + math.cos(math.pi * progress))
     assert float(schedule(step)) == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+def test_linear_schedule_is_warmup_then_linear_decay_to_zero():
+  """HF's get_linear_schedule_with_warmup (the SPPO authors' `linear`), values by hand: 4 of 20
+  steps warm up to 2.0, then 2.0 · (20 − step) / 16 down to 0, and 0 after the end."""
+  cfg = train_state.OptimizerConfig(learning_rate=2.0, total_steps=20, warmup_ratio=0.2,
+                                    schedule="linear")
+  schedule = train_state.make_schedule(cfg)
+  want = [0.0, 0.5, 1.0, 1.5, 2.0, 1.875, 1.75, 1.625, 1.5, 1.375, 1.25, 1.125, 1.0, 0.875,
+          0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0, 0.0, 0.0]
+  np.testing.assert_allclose([float(schedule(i)) for i in range(23)], want, atol=1e-6)
+  no_warmup = train_state.make_schedule(dataclasses.replace(cfg, warmup_ratio=0.0))
+  np.testing.assert_allclose([float(no_warmup(i)) for i in (0, 5, 10, 20, 25)],
+                             [2.0, 1.5, 1.0, 0.0, 0.0], atol=1e-6)
+  assert train_state.OptimizerConfig().schedule == "cosine"
+  with pytest.raises(ValueError, match="schedule must be one of"):
+    train_state.OptimizerConfig(schedule="step")
 
 
 @pytest.mark.parametrize("name", ["adamw", "rmsprop"])

@@ -4,14 +4,15 @@
 `hf_families.HF_FAMILIES` (Llama, Gemma 2, Qwen 2, Mistral; sharded index files too) and returns
 (ModelConfig, params); given `shardings` (e.g. `sharding.param_shardings_for(mesh)`) it places
 every tensor straight onto its sharding (each device reads only its slice from the memory-mapped
-file). `save(path, config, params)` writes a folder transformers loads. Pickled weights
-(.bin/.pt) are refused, never unpickled. Everything family-specific is in `hf_families`.
+file); `load_with_extras` also hands back a custom head's tensors (ArmoRM: `armorm.load`).
+`save(path, config, params)` writes a folder transformers loads. Pickled weights (.bin/.pt) are
+refused, never unpickled. Everything family-specific is in `hf_families`.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,13 @@ from eva_jax.models.hf_families import ACTIVATIONS, HF_FAMILIES, HFFamily
 from eva_jax.models.safetensors_io import SafetensorsFile, iter_shards, save_file
 
 SUPPORTED_MODEL_TYPES = tuple(HF_FAMILIES)
+# Reward models whose published head is remote code: architecture -> (config.json field holding
+# the number of regression outputs, its default, the regression tensor read as our `score`).
+# Their other head tensors are read by their own loader through `load_with_extras`
+# (`eva_jax.models.armorm.load`).
+CUSTOM_REWARD_HEADS = {
+    "LlamaForRewardModelWithGating": ("num_objectives", 19, "regression_layer.weight"),
+}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -63,9 +71,13 @@ def config_from_hf(hf: dict, *, where: str = "config.json", dtype: str = "float3
     num_labels = int(hf.get("num_labels") or len(hf.get("id2label") or {0: 0}))
   elif arch.endswith("ForCausalLM"):
     num_labels = 0
+  elif arch in CUSTOM_REWARD_HEADS:
+    field, default, _ = CUSTOM_REWARD_HEADS[arch]
+    num_labels = int(hf.get(field, default))
   else:
     raise ValueError(f"{where}: unsupported architecture {arch!r} "
-                     "(expected *ForCausalLM or *ForSequenceClassification)")
+                     "(expected *ForCausalLM, *ForSequenceClassification or one of "
+                     f"{', '.join(CUSTOM_REWARD_HEADS)})")
   for field, value in family.pinned.items():
     if field in hf and hf[field] != value:
       raise ValueError(f"{where}: field {field}={json.dumps(hf[field])} is not supported for "
@@ -139,12 +151,13 @@ def config_to_hf(config: ModelConfig, dtype: str) -> dict:
 # "out_heads" ([D, H*E] <-> [H, E, D]); "bias_heads" ([N*E] <-> [N, E]).
 
 
-def _layout(config: ModelConfig) -> list[tuple[tuple[str, ...], str, str, bool]]:
+def _layout(config: ModelConfig, score_name: str = "score.weight"
+            ) -> list[tuple[tuple[str, ...], str, str, bool]]:
   base = "model."
   entries = [(("embedding",), base + "embed_tokens.weight", "copy", False),
              (("final_norm", "scale"), base + "norm.weight", "copy", False)]
   if config.is_reward_model:
-    entries.append((("score",), "score.weight", "T", False))
+    entries.append((("score",), score_name, "T", False))
   elif not config.tie_embeddings:
     entries.append((("lm_head",), "lm_head.weight", "T", False))
   layer = base + "layers.{i}."
@@ -237,19 +250,32 @@ def load(path: str, *, dtype: str = "float32", compute_dtype: Optional[str] = No
   mesh)`); each parameter is then built with `jax.make_array_from_callback`, so each device
   receives only its own slice, read from the memory-mapped safetensors file.
   """
+  config, params, _ = load_with_extras(path, lambda hf: (), dtype=dtype,
+                                       compute_dtype=compute_dtype, shardings=shardings)
+  return config, params
+
+
+def load_with_extras(path: str, extra_names: Callable[[dict], Sequence[str]], *,
+                     dtype: str = "float32", compute_dtype: Optional[str] = None,
+                     shardings: Optional[Callable[[ModelConfig], dict]] = None
+                     ) -> tuple[ModelConfig, dict, dict[str, np.ndarray]]:
+  """`load`, plus the tensors `extra_names(config.json dict)` names (a custom head), returned
+  as host float32 arrays {name: array}; a missing one is an error like a missing weight."""
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{config_path}: missing (not a Hugging Face model folder)")
   with open(config_path) as f:
     hf = json.load(f)
   config = config_from_hf(hf, where=config_path, dtype=dtype, compute_dtype=compute_dtype)
+  arch = (hf.get("architectures") or [""])[0]
+  score_name = CUSTOM_REWARD_HEADS[arch][2] if arch in CUSTOM_REWARD_HEADS else "score.weight"
   weights = _open_weights(path)
   shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
   placement = shardings(config) if shardings is not None else None
 
   consumed, params = set(), {}
   np_dtype = jnp.dtype(dtype)
-  for our_path, hf_name, layout, per_layer in _layout(config):
+  for our_path, hf_name, layout, per_layer in _layout(config, score_name):
     shape = tuple(_get(shapes, our_path).shape)
     layer_shape = shape[1:] if per_layer else shape
     names = [hf_name.format(i=i) for i in range(config.num_layers)] if per_layer else [hf_name]
@@ -279,15 +305,23 @@ def load(path: str, *, dtype: str = "float32", compute_dtype: Optional[str] = No
       value = jax.make_array_from_callback(shape, _get(placement, our_path), read)
     _set(params, our_path, value)
 
+  extras = {}
+  for name in extra_names(hf):
+    if name not in weights:
+      raise ValueError(f"{path}: missing tensor {name!r}")
+    extras[name] = np.asarray(weights[name].get(name), np.float32)
+    consumed.add(name)
   # Tied checkpoints sometimes also carry a copy of the embedding as lm_head.
   ignorable = {"lm_head.weight"} if config.tie_embeddings else set()
   unexpected = sorted(n for n in weights if n not in consumed and n not in ignorable
                       and not n.endswith("rotary_emb.inv_freq"))
   if unexpected:
     more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+    hint = (f"; {arch} has its own loader (eva_jax.models.armorm.load)"
+            if arch in CUSTOM_REWARD_HEADS else "")
     raise ValueError(f"{path}: unexpected tensor {unexpected[0]!r}{more} for {config.family} "
-                     f"{'reward model' if config.is_reward_model else 'causal LM'}")
-  return config, params
+                     f"{'reward model' if config.is_reward_model else 'causal LM'}{hint}")
+  return config, params, extras
 
 
 def save(path: str, config: ModelConfig, params: dict, *, dtype: Optional[str] = None,

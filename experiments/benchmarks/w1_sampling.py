@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eva_jax import models, sampling
+from eva_jax import models, sampling, token_select
 from eva_jax.models import hf
 
 PROMPTS, SAMPLES, PROMPT_LEN, NEW_TOKENS = 8, 6, 64, 128
@@ -101,7 +101,7 @@ def _profile(config, params) -> dict:
     return models.logits_from_hidden(config, params, hidden), new_kv
 
   keys = jax.random.split(jax.random.key(0), rows)
-  select = jax.jit(lambda logits, keys: sampling.select_tokens(
+  select = jax.jit(lambda logits, keys: token_select.select_tokens(
       logits, keys, temperature=TEMPERATURE, top_p=TOP_P))
   logits, _ = step(params, prompt_cache, gen_cache)
   jax.block_until_ready(select(logits, keys))
