@@ -88,11 +88,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.creator.evolver = "synthetic"  # "synthetic" or "lm" (rewrite with a language model).
   c.creator.num_evolutions = 4  # Chained evolutions per selected prompt, every step kept.
   c.creator.depth_prob = 0.5  # Synthetic evolver: in-depth vs in-breadth.
+  # LM evolver's templates (eva_jax.creator.TEMPLATE_SETS): "eva" (ours: ten, depth_prob between
+  # in-depth and in-breadth) or "evolinstruct" (the eva authors' five WizardLM mutations, drawn
+  # uniformly; after an unusable reply the chain goes on from its last usable prompt).
+  c.creator.template_set = "eva"
   # LM evolver's sampling of each rewrite. The authors rewrote with gpt-4-0125-preview at
   # temperature 0.88 and 666 new tokens; ours default to the solver's sampling settings.
   c.creator.temperature = 0.7  # Sampling temperature of the creator's replies.
   c.creator.top_p = 0.9  # Nucleus sampling of the creator's replies (1.0 = off).
   c.creator.max_new_tokens = 1024  # Reply budget per rewrite, in creator tokens.
+  # The LM evolver's model: "" = the policy θ_t itself; else a local HF causal-LM folder
+  # (weights, config.json, tokenizer with a chat template), e.g. a larger instruct model, loaded
+  # once, placed on the run's mesh by mesh.rules, in the policy's dtypes.
+  c.creator.model = ""
   # Share of base-prompt pairs among the training pairs (paper: 0.2). Half here: with 20 % the
   # tiny policy lost reward on the easy levels (measured at 512 prompts: mean gain -0.014 vs
   # +0.004 with half).

@@ -1,6 +1,6 @@
 """The paper's grid: gemma-2-9b-it, {dpo, sppo, simpo, orpo, rpo, ipo} x {static, eva}, on TPU.
 
-arg = "<loss>,<prompts>[,<slice>][,<reward model>]":
+arg = "<loss>,<prompts>[,<slice>][,<reward model>][,<model>]":
   loss          dpo | sppo | sppo_hard | simpo | orpo | rpo | ipo
   prompts       eva (the creator evolves prompts) | static (fresh UltraFeedback prompts instead)
   slice         v5p-8 (default) | v5e-64 | v5e-32: mesh and micro-batch sized by
@@ -9,6 +9,9 @@ arg = "<loss>,<prompts>[,<slice>][,<reward model>]":
                 reward.kind "armorm") | skywork27b (Skywork-Reward-Gemma-2-27B-v0.2, the paper's
                 reward-scaling option) | skywork8b (-Llama-3.1-8B); the Skywork ones are plain
                 sequence classifiers (reward.kind "neural")
+  model         gemma2_9b (default, the grid) | llama31_8b | mistral_7b: the eva authors'
+                Llama-3.1-8B-Instruct and Mistral-7B-Instruct-v0.2 recipes (loss sppo only;
+                see "Model recipes" below)
 
 Launch on a TPU VM slice (every worker runs the same command; the workdir must be one folder
 that every host sees, e.g. a gcsfuse or Filestore mount: process 0 writes the stage artifacts
@@ -26,13 +29,21 @@ or HuggingFaceH4/ultrafeedback_binarized's parquet).
 Settings and where they come from:
   all   N = 6 samples, temperature 0.7, top-p 0.9, 2048 new tokens (DESIGN.md); prompts cut to
         1024 tokens, pairs to 2048 (eva's DPO); creator: gap informativeness, weighted
-        selection of 25 %, 4 chained LM rewrites by the policy itself, 20 % base pairs.
+        selection of 25 %, 4 chained LM rewrites by the policy itself at the authors'
+        rewriter settings (temperature 0.88, 666 new tokens), 20 % base pairs. The rewrites are
+        EvolInstruct as the authors ran it (creator.template_set "evolinstruct"; their
+        src/evolve_prompt.py runs distilabel's EvolInstruct with num_evolutions 4 and
+        store_evolutions, so all 4 steps are kept): WizardLM's four in-depth mutations (add
+        constraints, deepen, concretize, increase reasoning) and its in-breadth one, one drawn
+        uniformly per step, each step rewriting the previous one. After an unusable reply (no
+        prompt in it, or cut off) the chain goes on from its last usable prompt, where theirs
+        rewrites the raw reply (eva_jax/lm_evolver.py says why).
   dpo   beta 0.05, AdamW lr 5e-7, cosine with 10 % warm-up, 2 epochs, batch 64 (eva authors).
   sppo  beta 0.001, RMSprop, lr 5e-7, linear schedule (10 % warm-up, then linear decay to 0),
-        2 epochs (the eva authors' iterative-sppo recipe; their Llama / Mistral evol recipes
-        run 6), batch 64. Soft targets: each response's win probability against the policy,
-        from its prompt's 6 samples (train.win_prob_scale; σ of reward differences stands in
-        for their PairRM).
+        2 epochs (the eva authors' iterative-sppo recipe; their Llama / Mistral recipes run 9,
+        see "Model recipes"), batch 64. Soft targets: each response's win probability against
+        the policy, from its prompt's 6 samples (train.win_prob_scale; σ of reward differences
+        stands in for their PairRM).
   sppo_hard  SPPO with win probabilities 1 / 0 (TRL's form): beta 0.001, RMSprop, lr 5e-7
         (SPPO authors' scripts/pipeline.sh); the rest as dpo.
   simpo beta 10, gamma/beta 0.5, AdamW lr 8e-7, cosine 10 % warm-up, 1 epoch, batch 128 (SimPO
@@ -46,14 +57,30 @@ Settings and where they come from:
         batch 64 as dpo.
   ipo   beta 0.6, cosine with 10 % warm-up, 2 epochs (eva authors); lr 5e-7 and batch 64 as
         dpo.
+Model recipes (llama31_8b, mistral_7b): the eva authors' scripts/llama-8b/ and
+scripts/mistral-7b/ (train.sh, evolve-*-iter-1.sh) with their recipes/default/
+config_full_ultrafeedback-{Meta-Llama-3.1-8B-Instruct,Mistral-7B-Instruct-v0.2}-split-1-iter-1-
+pair-evol-1-mixed-0.2-0.8-pair.yaml; the two recipes are the same but for the model. SPPO with
+soft targets, beta 0.001, RMSprop, lr 5e-7, linear schedule with 10 % warm-up, 9 epochs (the
+scripts' --num_train_epochs=9 overrides the yaml's 6), batch 64 (2 per GPU x 4 accumulation x 8
+GPUs), pairs cut to 1024 tokens and prompts to 512 (so creator.max_tokens 512). Sampling N = 6 at
+temperature 1.0, top-p 1.0, up to 2048 new tokens (their gen.sh and evolve-create-gen-iter-1.sh;
+their evolve-gen-iter-1.sh samples the evolved prompts at 0.9 / 0.9, which one sampling setting
+here cannot follow). Rewrites: 4 EvolInstruct steps at temperature 1.0, top-p 1.0 and 512 new
+tokens (their evolve-create-iter-1.sh; gpt-4-0125-preview there, the policy here). Their pairs
+and win probabilities come from PairRM (src/rank.py), the selection from ArmoRM; here both come
+from the reward model. The slice meshes are the 9B policy's (a smaller model at half the
+sequence length; not measured separately).
 Policy weights are float32 master weights with bfloat16 compute: at lr 5e-7 a bfloat16 weight
 of magnitude 0.02 (spacing 1.2e-4) would round every update away.
 
-Where this departs from the paper (the runner has no field for these yet): the paper's creator
-defaults to gemini-1.5-pro (here gemma-2-9b-it, the policy); its table starts both arms from
-θ1 = one DPO iteration on a first UltraFeedback chunk, then eva evolves that same chunk while
-static takes a new one, whereas here eva evolves a fresh chunk in every iteration. 10,000 base
-prompts per iteration is our choice (the paper's per-iteration count was not found).
+Where this departs from the paper: the paper's creator defaults to gemini-1.5-pro and the
+authors' scripts rewrite with gpt-4-0125-preview; here the policy rewrites by default, and
+--config.creator.model=/mnt/models/<a larger local instruct model> puts one on the same slice
+(no API model). The runner has no field yet for the paper's protocol: its table starts both arms
+from θ1 = one DPO iteration on a first UltraFeedback chunk, then eva evolves that same chunk
+while static takes a new one, whereas here eva evolves a fresh chunk in every iteration. 10,000
+base prompts per iteration is our choice (the paper's per-iteration count was not found).
 """
 import ml_collections
 
@@ -62,6 +89,23 @@ from configs import default
 LOSSES = ("dpo", "sppo", "sppo_hard", "simpo", "orpo", "rpo", "ipo")
 PROMPTS = ("eva", "static")
 MODEL_PATH = "/mnt/models/gemma-2-9b-it"
+# Policy -> (local folder: weights, config.json and its tokenizer; model.family).
+MODELS = {
+    "gemma2_9b": (MODEL_PATH, "gemma2"),
+    "llama31_8b": ("/mnt/models/Meta-Llama-3.1-8B-Instruct", "llama"),
+    "mistral_7b": ("/mnt/models/Mistral-7B-Instruct-v0.2", "mistral"),
+}
+# The eva authors' recipe for each non-grid policy (module docstring, "Model recipes"): the loss
+# it runs, then settings that replace the grid's (config field -> value).
+_AUTHORS_SPPO_RECIPE = {
+    "train.epochs": 9, "train.max_length": 1024, "train.max_prompt_length": 512,
+    "creator.max_tokens": 512, "sampling.temperature": 1.0, "sampling.top_p": 1.0,
+    "creator.temperature": 1.0, "creator.top_p": 1.0, "creator.max_new_tokens": 512,
+}
+MODEL_RECIPES = {
+    "llama31_8b": ("sppo", _AUTHORS_SPPO_RECIPE),
+    "mistral_7b": ("sppo", _AUTHORS_SPPO_RECIPE),
+}
 PROMPTS_PATH = "/mnt/data/ultrafeedback_prompts.jsonl"
 # Reward model -> (reward.kind, local folder: weights, config.json and the model's tokenizer).
 REWARD_MODELS = {
@@ -100,7 +144,7 @@ LOSS_SETTINGS = {
 }
 
 
-def _parse(arg: str) -> tuple[str, str, str, str]:
+def _parse(arg: str) -> tuple[str, str, str, str, str]:
   parts = [p.strip() for p in arg.split(",") if p.strip()]
   if len(parts) < 2:
     raise ValueError(f"configs/paper.py: arg {arg!r} needs '<loss>,<prompts>' (e.g. 'dpo,eva')")
@@ -109,20 +153,26 @@ def _parse(arg: str) -> tuple[str, str, str, str]:
     raise ValueError(f"configs/paper.py: loss {loss!r} is not one of {LOSSES}")
   if prompts not in PROMPTS:
     raise ValueError(f"configs/paper.py: prompts {prompts!r} is not one of {PROMPTS}")
-  slice_name, reward = "v5p-8", "armorm"
+  slice_name, reward, model = "v5p-8", "armorm", "gemma2_9b"
   for part in rest:
     if part in SLICES:
       slice_name = part
     elif part in REWARD_MODELS:
       reward = part
+    elif part in MODELS:
+      model = part
     else:
-      raise ValueError(f"configs/paper.py: {part!r} is neither a slice {tuple(SLICES)} nor a "
-                       f"reward model {tuple(REWARD_MODELS)}")
-  return loss, prompts, slice_name, reward
+      raise ValueError(f"configs/paper.py: {part!r} is neither a slice {tuple(SLICES)}, a "
+                       f"reward model {tuple(REWARD_MODELS)} nor a model {tuple(MODELS)}")
+  if model in MODEL_RECIPES and loss != MODEL_RECIPES[model][0]:
+    raise ValueError(f"configs/paper.py: the eva authors' {model} recipe runs "
+                     f"{MODEL_RECIPES[model][0]!r}, not {loss!r}")
+  return loss, prompts, slice_name, reward, model
 
 
 def get_config(arg: str = "dpo,eva") -> ml_collections.ConfigDict:
-  loss, prompts, slice_name, reward = _parse(arg)
+  loss, prompts, slice_name, reward, model = _parse(arg)
+  model_path, family = MODELS[model]
   c = default.get_config()
   c.iterations = 2  # θ0 → θ1 → θ2: the static arm's second iteration is "new human prompts".
 
@@ -130,10 +180,10 @@ def get_config(arg: str = "dpo,eva") -> ml_collections.ConfigDict:
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = hw["mesh"]
 
   c.tokenizer.kind = "hf"
-  c.tokenizer.path = MODEL_PATH  # gemma-2-9b-it's own tokenizer and chat template.
+  c.tokenizer.path = model_path  # The policy's own tokenizer and chat template.
   c.model.source = "hf"
-  c.model.path = MODEL_PATH
-  c.model.family = "gemma2"  # Informational: an HF checkpoint brings its own shape.
+  c.model.path = model_path
+  c.model.family = family  # Informational: an HF checkpoint brings its own shape.
   c.model.param_dtype = "float32"  # Master weights (see the module docstring).
   c.model.dtype = "bfloat16"
   c.model.remat = "full"
@@ -161,7 +211,12 @@ def get_config(arg: str = "dpo,eva") -> ml_collections.ConfigDict:
   c.creator.metric = "gap"
   c.creator.selection = "weighted"
   c.creator.fraction = 0.25
-  c.creator.num_evolutions = 4
+  c.creator.num_evolutions = 4  # Every step kept.
+  c.creator.template_set = "evolinstruct"  # The authors' EvolInstruct (module docstring).
+  # The authors' rewriter settings (their scripts: gpt-4-0125-preview at temperature 0.88, 666
+  # new tokens), applied here to the policy as creator.
+  c.creator.temperature = 0.88
+  c.creator.max_new_tokens = 666
   c.creator.base_ratio = 0.2
   c.creator.min_tokens = 4
   c.creator.max_tokens = 1024  # An evolved prompt must still fit train.max_prompt_length.
@@ -189,7 +244,11 @@ def get_config(arg: str = "dpo,eva") -> ml_collections.ConfigDict:
   # The memory plan (experiments/memory_plan.py): at most 16 prompts x 6 samples of 2048-token
   # KV cache per call fit beside the 9B weights on v5p-8 and v5e-32.
   c.sampling.batch_size = 16
-  c.sft.steps = 0  # gemma-2-9b-it is already instruction-tuned: no warm-start.
+  c.sft.steps = 0  # Every policy here is already instruction-tuned: no warm-start.
   c.eval.temperature = 0.0
   c.eval.max_new_tokens = 2048
+  if model in MODEL_RECIPES:
+    for field, value in MODEL_RECIPES[model][1].items():
+      section, key = field.split(".")
+      c[section][key] = value
   return c

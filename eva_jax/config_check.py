@@ -41,6 +41,7 @@ def _choices() -> dict[str, tuple]:
       "creator.metric": creator.INFORMATIVENESS.names(),
       "creator.selection": creator.SELECTORS.names(),
       "creator.evolver": creator.EVOLVERS.names(),
+      "creator.template_set": creator.TEMPLATE_SETS.names(),
       "train.optimizer": train_state.OPTIMIZERS,
       "train.schedule": train_state.SCHEDULES,
       "train.logprob_impl": LOGPROB_IMPLS,
@@ -131,6 +132,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("reward.kind", "synthetic prompts are scored by the synthetic checker")
   if c.reward.kind == "synthetic" and c.data.source != "synthetic":
     _fail("reward.kind", "the synthetic checker only scores synthetic prompts")
+  if c.creator.model and c.creator.evolver != "lm":
+    _fail("creator.model", "only the LM evolver (creator.evolver 'lm') uses a creator model")
+  if c.creator.model and not os.path.isdir(c.creator.model):
+    _fail("creator.model", f"checkpoint folder {c.creator.model!r} does not exist")
   if c.creator.evolver == "synthetic" and c.data.source != "synthetic":
     _fail("creator.evolver", "the synthetic evolver only rewrites synthetic prompts")
   if "online" in c:

@@ -77,16 +77,7 @@ class Context:
     opt_cfg = (stages.sft_optimizer_config(c.train, c.sft, 1) if step == 0
                else stages.optimizer_config(c.train, 1))
     optimizer = train_state.make_optimizer(opt_cfg)
-    shardings = train_state.state_shardings(policy.model_config, optimizer, policy.mesh,
-                                            policy.rules)
-
-    def init():
-      params = models.init_params(policy.model_config, jax.random.key(0))
-      return train_state.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                                    opt_state=optimizer.init(params))
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            jax.eval_shape(init), shardings)
-    return policy.with_params(self.checkpoints.restore(step, abstract).params)
+    return policy.with_params(restore_state(self.checkpoints, policy, optimizer, step).params)
 
   def evolver(self, policy: stages.Policy) -> creator.Evolver:
     return creator.EVOLVERS.get(self.config.creator.evolver)(
@@ -95,6 +86,22 @@ class Context:
   def close(self) -> None:
     self.checkpoints.close()
     self.metrics.close()
+
+
+def restore_state(checkpoints: wd.Checkpoints, policy: stages.Policy, optimizer,
+                  step: int) -> train_state.TrainState:
+  """The train state of checkpoint `step`, placed as `policy`'s mesh and rules place it (the
+  optimizer's kind shapes the state)."""
+  shardings = train_state.state_shardings(policy.model_config, optimizer, policy.mesh,
+                                          policy.rules)
+
+  def init():
+    params = models.init_params(policy.model_config, jax.random.key(0))
+    return train_state.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                                  opt_state=optimizer.init(params))
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          jax.eval_shape(init), shardings)
+  return checkpoints.restore(step, abstract)
 
 
 def _tokenizer_corpus(seed: int) -> list[str]:

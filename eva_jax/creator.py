@@ -233,11 +233,48 @@ def select(scores, *, fraction: float, method: str = "weighted", rng) -> np.ndar
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
+@dataclasses.dataclass(frozen=True)
+class TemplateSet:
+  """A named set of evolution templates and how a chain step draws one of them.
+
+  Attributes:
+    in_depth, in_breadth: the template names of each group (files eva_jax/templates/<name>.txt).
+    uniform: True draws every template with the same probability (depth_prob and method_weights
+      do not apply); False splits depth_prob / 1 - depth_prob between the groups, then weighs
+      within a group (`eva_jax.lm_evolver.method_probabilities`).
+    continue_after_unusable: what an LM chain does after a reply that gives no prompt: False ends
+      the chain, True goes on rewriting the chain's last usable prompt (`eva_jax.lm_evolver`).
+  """
+  in_depth: tuple[str, ...]
+  in_breadth: tuple[str, ...]
+  uniform: bool
+  continue_after_unusable: bool
+
+  @property
+  def methods(self) -> tuple[str, ...]:
+    return self.in_depth + self.in_breadth
+
+
+TEMPLATE_SETS = registry.Registry("template set")
+# Ours: ten templates, depth_prob between the groups; a chain ends at its first unusable reply.
+TEMPLATE_SETS.register("eva", TemplateSet(IN_DEPTH_METHODS, IN_BREADTH_METHODS, uniform=False,
+                                          continue_after_unusable=False))
+# EvolInstruct as the eva authors ran it (distilabel's EvolInstruct task behind their
+# src/evolve_prompt.py): WizardLM's four in-depth mutations and its in-breadth one, one drawn
+# uniformly per step, every step rewriting the previous step's output.
+TEMPLATE_SETS.register("evolinstruct", TemplateSet(
+    ("add_constraints", "deepen", "concretize", "increase_reasoning"), ("breadth",),
+    uniform=True, continue_after_unusable=True))
+# Every template file any set names, each once, in set order.
+TEMPLATE_NAMES = tuple(dict.fromkeys(
+    name for set_name in TEMPLATE_SETS.names() for name in TEMPLATE_SETS.get(set_name).methods))
+
+
 @functools.lru_cache(maxsize=1)
 def _template_items() -> tuple[tuple[str, str], ...]:
   folder = importlib.resources.files("eva_jax") / "templates"
   items = []
-  for name in EVOLUTION_METHODS:
+  for name in TEMPLATE_NAMES:
     text = (folder / f"{name}.txt").read_text(encoding="utf-8").strip()
     expected = ["other", "prompt"] if name == "mix" else ["prompt"]
     if sorted(_PLACEHOLDER.findall(text)) != expected:
@@ -249,9 +286,10 @@ def _template_items() -> tuple[tuple[str, str], ...]:
   return tuple(items)
 
 
-def load_templates() -> dict[str, str]:
-  """Evolution method name -> meta-prompt text (eva_jax/templates/<name>.txt)."""
-  return dict(_template_items())
+def load_templates(template_set: str = "eva") -> dict[str, str]:
+  """Evolution method name -> meta-prompt text (eva_jax/templates/<name>.txt) of one set."""
+  templates = dict(_template_items())
+  return {name: templates[name] for name in TEMPLATE_SETS.get(template_set).methods}
 
 
 def render_evolution_request(template_name: str, prompt: str,
@@ -261,10 +299,10 @@ def render_evolution_request(template_name: str, prompt: str,
   `other` is the second prompt for "mix" (required there, refused elsewhere). The texts are
   inserted verbatim (stripped); braces in them are never read as placeholders.
   """
-  templates = load_templates()
+  templates = dict(_template_items())
   if template_name not in templates:
     raise ValueError(f"unknown evolution template {template_name!r}; expected one of "
-                     f"{EVOLUTION_METHODS}")
+                     f"{TEMPLATE_NAMES}")
   if (other is not None) != (template_name == "mix"):
     raise ValueError(f"template {template_name!r}: `other` is required for 'mix' and only there")
   values = {"prompt": prompt} if other is None else {"prompt": prompt, "other": other}
@@ -386,8 +424,9 @@ def evolve_round(buffer: PromptBuffer, selected_ids: Sequence[str], evolver: Evo
                  rejections: Optional[dict] = None, **filter_kwargs) -> list[PromptRecord]:
   """Evolves the selected prompts, filters the rewrites and adds the survivors to `buffer`.
 
-  Each candidate is filtered against the text it was rewritten from (the previous step of its
-  chain, or the selected prompt) and against the buffer. A survivor's parent is its nearest
+  Each candidate is filtered against the text it was rewritten from (the latest earlier step of
+  its chain with a text, or the selected prompt: a step without one, an unusable reply, does not
+  move the chain on) and against the buffer. A survivor's parent is its nearest
   surviving ancestor in the chain (the selected prompt if none survived).
 
   Args:
@@ -418,7 +457,8 @@ def evolve_round(buffer: PromptBuffer, selected_ids: Sequence[str], evolver: Evo
     for cand in chain:
       flat.append(cand)
       parents.append(parent_text)
-      parent_text = cand.text or ""
+      if cand.text is not None:
+        parent_text = cand.text
   kept, rejected = filters.filter_candidates(
       [c.text for c in flat], parents, (r.text for r in buffer),
       tokenizer_len_fn=tokenizer_len_fn, **filter_kwargs)

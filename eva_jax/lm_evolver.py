@@ -5,23 +5,36 @@ the creator model to rewrite the output of step s - 1 (step 1 rewrites the selec
 every step is returned as a `creator.Candidate` for `creator.evolve_round` to filter and keep.
 
 One step of one chain:
-1. a method is drawn (`plan_chains`): in-depth with probability `depth_prob`, else in-breadth,
-   then a method of that group in proportion to `method_weights`; "mix" also draws a second
-   prompt, another selected prompt (the original text, not its chain's rewrite);
+1. a method is drawn (`plan_chains`) from the template set (`creator.TEMPLATE_SETS`): for "eva"
+   (ours, the default), in-depth with probability `depth_prob`, else in-breadth, then a method
+   of that group in proportion to `method_weights`; "mix" also draws a second prompt, another
+   selected prompt (the original text, not its chain's rewrite). For "evolinstruct" (the eva
+   authors' WizardLM mutations), one of its five uniformly;
 2. `creator.render_evolution_request` writes the meta-prompt, the creator's chat template turns
    it into token ids (one user turn plus the generation prompt);
 3. `eva_jax.sampling.sample_batched` draws one reply, batched over every chain at this step
    (chunks of `batch_size` requests), and the reply's tokens up to its eos are decoded;
 4. `creator.parse_evolved` reads the new prompt out of the reply.
 
-A chain stops early (no later steps) when:
-- its request is longer than `max_prompt_tokens`: the request is skipped and no candidate is
-  emitted for that step, with a logged warning. Cutting tokens would either drop the chat header
-  and the instructions (left truncation) or ask for a rewrite of a fragment of the prompt, and
-  neither reply would be a rewrite of the text its candidate is filtered against;
-- the reply does not parse (or was cut off by `max_new_tokens` before its closing marker, unless
-  `keep_unfinished`): the step is emitted with `text=None` (the filters count it as "empty") and
-  the chain ends, because `evolve_round` filters step s + 1 against step s's text.
+A chain stops early (no later steps) when its request is longer than `max_prompt_tokens`: the
+request is skipped and no candidate is emitted for that step, with a logged warning. Cutting
+tokens would either drop the chat header and the instructions (left truncation) or ask for a
+rewrite of a fragment of the prompt, and neither reply would be a rewrite of the text its
+candidate is filtered against; the next step would send the same text again.
+
+An unusable reply (it does not parse, or was cut off by `max_new_tokens` before its closing
+marker, unless `keep_unfinished`) is emitted with `text=None` (the filters count it as "empty").
+Then, by `continue_after_unusable` (default: the template set's):
+- False ("eva"): the chain ends (our original choice: later steps need a text to rewrite, and
+  the round's sampling budget goes to the chains still growing).
+- True ("evolinstruct"): the next step rewrites the chain's last usable prompt (the selected
+  prompt if none), so every chain makes all `num_chained` requests. The authors' chain
+  (distilabel 1.2's EvolInstruct, store_evolutions=True) never ends early: each step rewrites
+  the previous step's raw output, whatever it is (the text after its last "Prompt#:"), a reply
+  cut off at the token limit included; an API reply without content crashes their whole run.
+  Rewriting a reply that holds no prompt (or a cut-off one) would not be a rewrite of a prompt
+  here, so the chain resumes from the last text that is one; it keeps their fixed number of
+  rewrites per selected prompt. `evolve_round` filters each step against that same text.
 
 Progress: each step opens one bar of `progress(desc, total, unit)` (the protocol of
 `eva_jax.stages.no_progress`, silent by default; the runner passes `eva_jax.console.bar`) over
@@ -33,6 +46,7 @@ first, then one uint32 seed for the sampling key, so the plan does not depend on
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
@@ -58,8 +72,9 @@ class PlannedStep(NamedTuple):
 
 def method_probabilities(depth_prob: float = 0.5,
                          method_weights: Optional[Mapping[str, float]] = None, *,
-                         allow_mix: bool = True) -> np.ndarray:
-  """Probability of each of `creator.EVOLUTION_METHODS` (in that order) at one step -> [10].
+                         allow_mix: bool = True, template_set: str = "eva") -> np.ndarray:
+  """Probability of each method of a template set (in its `methods` order) at one step -> [M]
+  (the "eva" set: `creator.EVOLUTION_METHODS`, M = 10).
 
   Args:
     depth_prob: chance of an in-depth method; in-breadth gets 1 - depth_prob. A group whose
@@ -68,10 +83,18 @@ def method_probabilities(depth_prob: float = 0.5,
       mapping weighs the methods it names (the others 0).
     allow_mix: False (a single selected prompt, nothing to mix with) sets "mix" to 0 before the
       group shares are computed.
+    template_set: a name in `creator.TEMPLATE_SETS`; a uniform set ("evolinstruct") gives each
+      of its methods 1 / M and takes no method_weights (depth_prob is only validated).
   """
   if isinstance(depth_prob, bool) or not 0.0 <= depth_prob <= 1.0:
     raise ValueError(f"depth_prob must be in [0, 1], got {depth_prob!r}")
-  methods = creator.EVOLUTION_METHODS
+  tset = creator.TEMPLATE_SETS.get(template_set)
+  methods = tset.methods
+  if tset.uniform:
+    if method_weights is not None:
+      raise ValueError(f"template set {template_set!r} draws its methods uniformly; "
+                       f"method_weights applies to the 'eva' set only")
+    return np.full(len(methods), 1.0 / len(methods))
   if method_weights is None:
     weights_M = np.ones(len(methods))
   else:
@@ -82,9 +105,9 @@ def method_probabilities(depth_prob: float = 0.5,
     weights_M = np.array([float(method_weights.get(m, 0.0)) for m in methods])
     if not (np.isfinite(weights_M) & (weights_M >= 0)).all():
       raise ValueError(f"method weights must be finite and >= 0, got {dict(method_weights)}")
-  if not allow_mix:
+  if not allow_mix and "mix" in methods:
     weights_M[methods.index("mix")] = 0.0
-  in_depth_M = np.isin(methods, creator.IN_DEPTH_METHODS)
+  in_depth_M = np.isin(methods, tset.in_depth)
   totals = {True: weights_M[in_depth_M].sum(), False: weights_M[~in_depth_M].sum()}
   shares = {True: depth_prob, False: 1.0 - depth_prob}
   for group in (True, False):
@@ -100,18 +123,21 @@ def method_probabilities(depth_prob: float = 0.5,
 
 def plan_chains(num_prompts: int, num_chained: int, gen: np.random.Generator, *,
                 depth_prob: float = 0.5,
-                method_weights: Optional[Mapping[str, float]] = None) -> list[list[PlannedStep]]:
+                method_weights: Optional[Mapping[str, float]] = None,
+                template_set: str = "eva") -> list[list[PlannedStep]]:
   """Draws every chain's methods -> [num_prompts][num_chained] `PlannedStep`s.
 
   Draw order is prompt by prompt, step by step: one method draw, then (for "mix") one draw of the
   other prompt, uniform over the other prompts.
   """
-  probs_M = method_probabilities(depth_prob, method_weights, allow_mix=num_prompts > 1)
+  probs_M = method_probabilities(depth_prob, method_weights, allow_mix=num_prompts > 1,
+                                 template_set=template_set)
+  methods = creator.TEMPLATE_SETS.get(template_set).methods
   plan = []
   for prompt in range(num_prompts):
     chain = []
     for _ in range(num_chained):
-      method = creator.EVOLUTION_METHODS[gen.choice(len(probs_M), p=probs_M)]
+      method = methods[gen.choice(len(probs_M), p=probs_M)]
       other = None
       if method == "mix":
         other = int(gen.integers(num_prompts - 1))
@@ -157,7 +183,10 @@ class LMEvolver:
   Args:
     config, params, tokenizer: the creator model and its tokenizer (which has a chat template).
     num_chained: rewrites per chain, every step kept (eva: 4).
-    depth_prob, method_weights: how methods are drawn; see `method_probabilities`.
+    depth_prob, method_weights, template_set: how methods are drawn; see
+      `method_probabilities`.
+    continue_after_unusable: after an unusable reply, go on from the chain's last usable prompt
+      (True) or end the chain (False); None: the template set's choice (module docstring).
     max_new_tokens: reply budget per step, in tokens.
     temperature, top_p: sampling settings of the replies.
     max_prompt_tokens: longest request (chat-templated, in tokens) sent to the model; longer ones
@@ -171,7 +200,8 @@ class LMEvolver:
 
   def __init__(self, config: ModelConfig, params: dict, tokenizer: Tokenizer, *,
                num_chained: int = 4, depth_prob: float = 0.5,
-               method_weights: Optional[Mapping[str, float]] = None,
+               method_weights: Optional[Mapping[str, float]] = None, template_set: str = "eva",
+               continue_after_unusable: Optional[bool] = None,
                max_new_tokens: int = 1024, temperature: float = 0.7, top_p: float = 0.9,
                max_prompt_tokens: Optional[int] = None, batch_size: int = 64,
                keep_unfinished: bool = False, mesh=None, rules=sharding.DEFAULT_RULES,
@@ -194,8 +224,13 @@ class LMEvolver:
                        f"{config.max_position_embeddings}")
     if not temperature >= 0 or not 0 < top_p <= 1:
       raise ValueError(f"need temperature >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
-    method_probabilities(depth_prob, method_weights)  # Validates them now, not mid-run.
+    # Validates them now, not mid-run.
+    method_probabilities(depth_prob, method_weights, template_set=template_set)
     self.depth_prob, self.method_weights = depth_prob, method_weights
+    self.template_set = template_set
+    if continue_after_unusable is None:
+      continue_after_unusable = creator.TEMPLATE_SETS.get(template_set).continue_after_unusable
+    self.continue_after_unusable = bool(continue_after_unusable)
     self.config, self.params, self.tokenizer = config, params, tokenizer
     self.temperature, self.top_p = float(temperature), float(top_p)
     self.keep_unfinished = bool(keep_unfinished)
@@ -219,7 +254,7 @@ class LMEvolver:
       raise ValueError(f"prompts must have distinct ids, got {ids[:20]}")
     gen = creator.numpy_rng(rng)
     plan = plan_chains(len(records), self.num_chained, gen, depth_prob=self.depth_prob,
-                       method_weights=self.method_weights)
+                       method_weights=self.method_weights, template_set=self.template_set)
     key = jax.random.key(int(gen.integers(2**32, dtype=np.uint64)))
     current = [r.text for r in records]
     alive = list(range(len(records)))
@@ -248,7 +283,7 @@ class LMEvolver:
             rng=jax.random.fold_in(key, step), max_new_tokens=self.max_new_tokens,
             temperature=self.temperature, top_p=self.top_p, batch_size=self.batch_size,
             mesh=self.mesh, rules=self.rules, on_chunk=bar.update)
-        alive, unfinished = [], 0
+        alive, parsed, unfinished = [], 0, 0
         for i, (reply, finished) in zip(chains, replies):
           text = self._parse(reply, finished)
           unfinished += not finished
@@ -256,21 +291,43 @@ class LMEvolver:
                                                  method=plan[i][step - 1].method, step=step))
           if text is not None:
             current[i] = text
+            parsed += 1
+          if text is not None or self.continue_after_unusable:
             alive.append(i)
-        bar.set_postfix(parsed=len(alive), cut_off=unfinished)
+        bar.set_postfix(parsed=parsed, cut_off=unfinished)
       log.info("evolution step %d: %d requests, %d replies parsed, %d hit max_new_tokens=%d",
-               step, len(requests), len(alive), unfinished, self.max_new_tokens)
+               step, len(requests), parsed, unfinished, self.max_new_tokens)
     return [cand for i in range(len(records)) for cand in candidates[i]]
+
+
+@functools.lru_cache(maxsize=2)
+def load_creator(path: str, param_dtype: str, dtype: str, mesh,
+                 rules) -> tuple[ModelConfig, dict, Tokenizer]:
+  """A separate creator model: (config, params placed on `mesh` by `rules`, tokenizer), read
+  once per run (every iteration's evolver reuses it; the policy changes, the creator does not)."""
+  from eva_jax.models import hf, tokenizer as tokenizer_lib
+  config, params = hf.load(path, dtype=param_dtype, compute_dtype=dtype,
+                           shardings=sharding.param_shardings_for(mesh, rules))
+  if config.is_reward_model:
+    raise ValueError(f"creator.model {path!r}: a reward model, not a causal LM")
+  return config, params, tokenizer_lib.load_tokenizer(path)
 
 
 @creator.EVOLVERS.register("lm")
 def from_config(creator_cfg, *, source, policy, progress=stages.no_progress) -> LMEvolver:
-  """The policy θ_t as its own creator (`creator.EVOLVERS` factory); source is unused.
-  Sampling settings come from the config's creator section (temperature, top_p,
-  max_new_tokens)."""
+  """The LM evolver of the config's creator section (`creator.EVOLVERS` factory; source is
+  unused): the policy θ_t as its own creator, or the model in the folder `creator_cfg.model`
+  (`load_creator`, in the policy's dtypes, on its mesh). Sampling settings come from the
+  creator section (temperature, top_p, max_new_tokens), the templates and the chain's policy
+  from creator.template_set."""
   del source
-  return LMEvolver(policy.model_config, policy.params, policy.tokenizer,
+  model = (policy.model_config, policy.params, policy.tokenizer)
+  if creator_cfg.get("model"):
+    model = load_creator(creator_cfg.model, policy.model_config.param_dtype,
+                         policy.model_config.dtype, policy.mesh, policy.rules)
+  return LMEvolver(*model,
                    num_chained=creator_cfg.num_evolutions, depth_prob=creator_cfg.depth_prob,
+                   template_set=creator_cfg.template_set,
                    max_new_tokens=creator_cfg.max_new_tokens,
                    temperature=creator_cfg.temperature, top_p=creator_cfg.top_p,
                    mesh=policy.mesh, rules=policy.rules, progress=progress)

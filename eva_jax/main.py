@@ -27,13 +27,15 @@ def main(argv):
   console.quiet_logs(verbosity.value if verbosity.present else None)
   console.configure(progress={"auto": None, "on": True, "off": False}[_PROGRESS.value])
   import jax
-  from eva_jax import context, fileio, runner
+  from eva_jax import context, fileio, online_loop, runner
   context.init_distributed()
   logging.info("JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
   console.say(f"eva: workdir {_WORKDIR.value}; {jax.device_count()} {jax.default_backend()} "
               f"device(s), {jax.process_count()} process(es)")
-  summary = runner.run(_CONFIG.value, _WORKDIR.value)
+  # A config with an `online` section (configs/online.py) runs the online RLOO loop.
+  loop = online_loop if "online" in _CONFIG.value else runner
+  summary = loop.run(_CONFIG.value, _WORKDIR.value)
   win = summary.get("win_rate")
   console.say(f"done: held-out reward {summary['heldout_reward']:.4f}"
               + ("" if win is None else f", win rate vs warm-start {win:.3f}"))

@@ -53,7 +53,7 @@ def _generate_scored(ctx, policy, t: int, name: str, prompts: list[str]) -> tupl
   return gen, scores["rewards"]
 
 
-def _warm_start(ctx) -> None:
+def warm_start(ctx) -> None:  # θ_0, checkpoint 0: the SFT warm-start or the loaded weights.
   c = ctx.config
   with console.Stage(ctx.metrics, "sft", -1) as st:
     if ctx.checkpoints.latest() is not None:  # θ_0, or a later θ_t once keep-N dropped θ_0.
@@ -172,7 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   source, mesh = config_check.prepare_run(c, workdir)
   ctx = context.setup(c, workdir, source, mesh)
   try:
-    _warm_start(ctx)
+    warm_start(ctx)
     ctx.policy = ctx.policy.with_params(None)  # θ_t comes from the checkpoints from here on.
     with console.Stage(ctx.metrics, "evaluate", -1) as st:
       base = wd.cached_json(ctx.path(0, "evaluate_warmstart.json"),

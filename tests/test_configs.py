@@ -292,3 +292,58 @@ def test_creator_sampling_fields_are_checked(field, value, match):
   c.creator[field] = value
   with pytest.raises(ValueError, match=match):
     config_check.validate(c)
+
+
+def test_template_set_is_checked_and_the_paper_runs_evolinstruct():
+  c = default.get_config("smoke")
+  assert c.creator.template_set == "eva"  # The default keeps today's ten templates.
+  c.creator.template_set = "wizardlm"
+  with pytest.raises(ValueError, match=re.escape(
+      "config field creator.template_set: 'wizardlm' is not one of 'eva', 'evolinstruct'")):
+    config_check.validate(c)
+  for arg in GRID:
+    c = paper.get_config(arg)
+    assert (c.creator.template_set, c.creator.num_evolutions) == ("evolinstruct", 4)
+
+
+# The eva authors' Llama-3.1-8B-Instruct and Mistral-7B-Instruct-v0.2 recipes, typed in by hand
+# from their scripts/llama-8b/, scripts/mistral-7b/ and recipes/default/*-evol-1-mixed-0.2-0.8-
+# pair.yaml (the same for both models).
+RECIPE_FOLDERS = {"llama31_8b": ("/mnt/models/Meta-Llama-3.1-8B-Instruct", "llama"),
+                  "mistral_7b": ("/mnt/models/Mistral-7B-Instruct-v0.2", "mistral")}
+
+
+@pytest.mark.parametrize("model", sorted(RECIPE_FOLDERS))
+def test_authors_model_recipes(model, folders):
+  path, family = RECIPE_FOLDERS[model]
+  for prompts in ("static", "eva"):
+    c = paper.get_config(f"sppo,{prompts},{model}")
+    assert (c.model.path, c.tokenizer.path, c.model.family) == (path, path, family)
+    assert (c.train.loss, c.train.beta, c.train.optimizer, c.train.learning_rate,
+            c.train.schedule, c.train.warmup_ratio, c.train.epochs, c.train.batch_size) == (
+                "sppo", 0.001, "rmsprop", 5e-7, "linear", 0.1, 9, 64)
+    assert (c.train.max_length, c.train.max_prompt_length, c.creator.max_tokens) == (
+        1024, 512, 512)
+    assert (c.sampling.num_samples, c.sampling.temperature, c.sampling.top_p,
+            c.sampling.max_new_tokens) == (6, 1.0, 1.0, 2048)
+    assert (c.creator.template_set, c.creator.num_evolutions, c.creator.temperature,
+            c.creator.top_p, c.creator.max_new_tokens) == ("evolinstruct", 4, 1.0, 1.0, 512)
+    assert (c.creator.metric, c.creator.selection, c.creator.fraction, c.creator.base_ratio) == (
+        "gap", "weighted", 0.25, 0.2)
+    assert c.creator.enabled == (prompts == "eva")
+    config_check.validate(_with_paths(c, folders))
+  # The slice and reward model still combine with it, in any order.
+  c = paper.get_config(f"sppo,eva,{model},v5e-64,skywork8b")
+  assert (c.mesh.fsdp, c.reward.kind, c.model.path) == (64, "neural", path)
+  # The grid's policy is unchanged by default and by name.
+  assert paper.get_config("sppo,eva").to_dict() == paper.get_config("sppo,eva,gemma2_9b").to_dict()
+
+
+@pytest.mark.parametrize("arg,match", [
+    ("dpo,eva,llama31_8b", "llama31_8b recipe runs 'sppo', not 'dpo'"),
+    ("sppo_hard,static,mistral_7b", "mistral_7b recipe runs 'sppo', not 'sppo_hard'"),
+    ("sppo,eva,llama4", "nor a model"),
+])
+def test_model_recipe_bad_args_raise(arg, match):
+  with pytest.raises(ValueError, match=match):
+    paper.get_config(arg)

@@ -561,3 +561,58 @@ def test_evolve_round_rejects_malformed_chains():
   for ids in (["0-0", "7-7"], ["0-0", "0-0"]):
     with pytest.raises(ValueError, match="distinct ids in the buffer"):
       creator.evolve_round(buffer, ids, gap, rng=0, iteration=1, tokenizer_len_fn=words)
+
+
+# --------------------------------------------------------------------------- template sets
+
+
+def test_template_sets_name_their_templates():
+  """"eva" is today's ten; "evolinstruct" is WizardLM's four in-depth mutations and its one
+  in-breadth mutation (the eva authors' EvolInstruct), its in-breadth one a template of its own."""
+  eva = creator.TEMPLATE_SETS.get("eva")
+  assert eva.methods == creator.EVOLUTION_METHODS and not eva.uniform
+  assert not eva.continue_after_unusable
+  assert creator.load_templates("eva") == creator.load_templates()
+  evol = creator.TEMPLATE_SETS.get("evolinstruct")
+  assert evol.in_depth == ("add_constraints", "deepen", "concretize", "increase_reasoning")
+  assert evol.in_breadth == ("breadth",) and evol.uniform and evol.continue_after_unusable
+  templates = creator.load_templates("evolinstruct")
+  assert list(templates) == list(evol.methods)
+  assert creator.TEMPLATE_NAMES == creator.EVOLUTION_METHODS + ("breadth",)
+  # The shared in-depth templates are the same files in both sets.
+  for name in evol.in_depth:
+    assert templates[name] == creator.load_templates()[name]
+  assert templates["breadth"] not in creator.load_templates().values()
+  with pytest.raises(ValueError, match="unknown template set 'wizard'"):
+    creator.load_templates("wizard")
+
+
+def test_breadth_template_renders_with_its_placeholder_and_markers():
+  prompt = "Write a function {name} that returns {other} in C++"
+  request = creator.render_evolution_request("breadth", prompt)
+  assert request.count(prompt) == 1 and "{prompt}" not in request.replace(prompt, "")
+  assert request.index("<original>") < request.index(prompt) < request.index("</original>")
+  assert request.rstrip().endswith(f"{creator.PROMPT_OPEN} and {creator.PROMPT_CLOSE}.")
+  # A reply in the asked-for form parses back to the new prompt.
+  reply = f"{creator.PROMPT_OPEN}How do I write a C++ coroutine?{creator.PROMPT_CLOSE}"
+  assert creator.parse_evolved(reply) == "How do I write a C++ coroutine?"
+  with pytest.raises(ValueError, match="`other` is required for 'mix' and only there"):
+    creator.render_evolution_request("breadth", prompt, "another prompt")
+  with pytest.raises(ValueError, match="prompt must be a non-empty string"):
+    creator.render_evolution_request("breadth", "  ")
+
+
+def test_a_step_after_an_unusable_one_is_filtered_against_the_last_text():
+  """A chain that goes on after an unusable reply (the "evolinstruct" LM chain) rewrote the last
+  text it had: step 3 below repeats step 1, its real parent, so it is a copy of its parent; its
+  survivor hangs off step 1's record."""
+  buffer = make_buffer()
+  first = "Base prompt one, rewritten: list three uses of a hash map in Go."
+  third = "Base prompt one, rewritten again: compare hash maps and B-trees for range queries."
+  evolver = FakeEvolver(lambda t: [first, None, first, third])
+  rejections = {}
+  added = creator.evolve_round(buffer, ["0-0"], evolver, rng=0, iteration=1,
+                               tokenizer_len_fn=words, rejections=rejections)
+  assert rejections == {"empty": 1, "copy_of_parent": 1}
+  assert [(r.id, r.parent_id, r.step, r.text) for r in added] == [
+      ("1-0", "0-0", 1, first), ("1-1", "1-0", 4, third)]

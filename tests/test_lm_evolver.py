@@ -5,6 +5,7 @@ text, but real shapes, chains and requests) and once with a scripted stand-in fo
 import collections
 import contextlib
 import logging
+import os
 import re
 import types
 
@@ -395,3 +396,175 @@ def test_from_config_reads_the_creator_sampling_fields(tok, tiny_model):
   evolver = lm_evolver.from_config(cfg, source=None, policy=policy, progress=bars)
   assert (evolver.temperature, evolver.top_p, evolver.max_new_tokens) == (0.88, 1.0, 666)
   assert evolver.progress is bars
+
+
+# ------------------------------------------------------------------------------- template sets
+
+
+EVOLINSTRUCT = ("add_constraints", "deepen", "concretize", "increase_reasoning", "breadth")
+
+
+def test_evolinstruct_plan_draws_its_five_methods_uniformly():
+  plan = lm_evolver.plan_chains(2000, 4, np.random.default_rng(0), template_set="evolinstruct")
+  counts = collections.Counter(s.method for chain in plan for s in chain)
+  assert set(counts) == set(EVOLINSTRUCT) and sum(counts.values()) == 8000
+  assert all(s.other is None for chain in plan for s in chain)
+  for method in EVOLINSTRUCT:
+    # Binomial count at p = 1/5: sd = sqrt(0.2 * 0.8 / 8000) = 0.0045; 5 sd (0.022) makes a false
+    # failure about 1 in 10^6 per method.
+    assert abs(counts[method] / 8000 - 0.2) < 5 * np.sqrt(0.2 * 0.8 / 8000), method
+  assert lm_evolver.method_probabilities(template_set="evolinstruct").tolist() == [0.2] * 5
+  # depth_prob is still checked, but does not move a uniform set's draw.
+  assert lm_evolver.method_probabilities(
+      0.1, template_set="evolinstruct").tolist() == [0.2] * 5
+  with pytest.raises(ValueError, match="draws its methods uniformly"):
+    lm_evolver.method_probabilities(0.5, {"deepen": 1}, template_set="evolinstruct")
+  with pytest.raises(ValueError, match="unknown template set 'wizardlm'"):
+    lm_evolver.plan_chains(2, 1, np.random.default_rng(0), template_set="wizardlm")
+
+
+def _todays_plan(num_prompts, num_chained, gen, probs_M):
+  """The plan as drawn before template sets existed: one choice over the ten methods with the
+  given probabilities, then for "mix" a uniform draw among the other prompts."""
+  plan = []
+  for prompt in range(num_prompts):
+    chain = []
+    for _ in range(num_chained):
+      method = creator.EVOLUTION_METHODS[gen.choice(10, p=probs_M)]
+      other = None
+      if method == "mix":
+        other = int(gen.integers(num_prompts - 1))
+        other += other >= prompt
+      chain.append(lm_evolver.PlannedStep(method, other))
+    plan.append(chain)
+  return plan
+
+
+@pytest.mark.parametrize("num_prompts", [1, 3, 200])
+def test_default_template_set_keeps_todays_plans(num_prompts):
+  """The "eva" set (the default) draws exactly today's plans: the same steps, draw for draw,
+  as the ten methods at 0.1 each (hand-computed; "mix" 0 and the other in-breadth 0.125 with a
+  single prompt), and as the explicit arguments."""
+  uniform = np.full(10, 0.1)
+  if num_prompts == 1:
+    uniform = np.array([0.1] * 5 + [0.125, 0.125, 0.125, 0.0, 0.125])
+  default = lm_evolver.plan_chains(num_prompts, 4, np.random.default_rng(3))
+  assert default == _todays_plan(num_prompts, 4, np.random.default_rng(3), uniform)
+  assert default == lm_evolver.plan_chains(num_prompts, 4, np.random.default_rng(3),
+                                           depth_prob=0.5, method_weights=None,
+                                           template_set="eva")
+  weights = {"deepen": 3, "expand": 1, "persona": 1, "mix": 2}
+  assert lm_evolver.plan_chains(num_prompts, 4, np.random.default_rng(4), depth_prob=0.7,
+                                method_weights=weights, template_set="eva") == \
+      lm_evolver.plan_chains(num_prompts, 4, np.random.default_rng(4), depth_prob=0.7,
+                             method_weights=weights)
+
+
+@pytest.fixture(scope="module")
+def evol_tok(tmp_path_factory):
+  """`tok`, trained on every template set's templates and EvolInstruct's rewrites as well."""
+  corpus = [text for name in creator.TEMPLATE_SETS.names()
+            for text in creator.load_templates(name).values()] + PROMPTS + [LONG_PROMPT, REFUSAL]
+  corpus += [f"Sure! {OPEN}{harder(p, m, 0)}{CLOSE}" for p in PROMPTS
+             for m in creator.TEMPLATE_NAMES]
+  return tk.train_sentencepiece(corpus, str(tmp_path_factory.mktemp("evol_tok")),
+                                vocab_size=1000)
+
+
+class FailsOnceSampler(ScriptedSampler):
+  """`ScriptedSampler` for the EvolInstruct templates, where the sky prompt's first reply is cut
+  off (unusable) and every later request to rewrite it gets a normal rewrite."""
+
+  def __init__(self, tok):
+    super().__init__(tok)
+    self.endings = {name: text.rsplit("}", 1)[1].strip()
+                    for name, text in creator.load_templates("evolinstruct").items()}
+
+  def _reply(self, request):
+    text, ends = super()._reply(request)
+    original, method, _ = self.requests[-1]
+    if original == PROMPTS[2] and self.seen[original] > 1:
+      self.rewrites += 1
+      return f"Sure! {OPEN}{harder(original, method, self.rewrites)}{CLOSE}", True
+    return text, ends
+
+
+@pytest.mark.parametrize("continue_after_unusable", [None, False])
+def test_evolinstruct_chain_goes_on_from_the_last_usable_prompt(
+    evol_tok, tiny_model, monkeypatch, caplog, continue_after_unusable):
+  """EvolInstruct's chain (the set's default) sends all 3 requests of the sky chain: its cut-off
+  first reply is "empty", step 2 rewrites the sky prompt again and step 3 rewrites step 2. With
+  continue_after_unusable=False (our "eva" behaviour) the sky chain ends after step 1."""
+  config, params = tiny_model
+  scripted = FailsOnceSampler(evol_tok)
+  monkeypatch.setattr(sampling, "sample", scripted)
+  buffer = make_buffer([PROMPTS[0], PROMPTS[2]])
+  evolver = LMEvolver(config, params, evol_tok, num_chained=3, max_new_tokens=96, batch_size=4,
+                      template_set="evolinstruct",
+                      continue_after_unusable=continue_after_unusable)
+  assert evolver.continue_after_unusable is (continue_after_unusable is None)
+  with caplog.at_level(logging.INFO):
+    added = creator.evolve_round(buffer, ["0-0", "0-1"], evolver, rng=5, iteration=1,
+                                 tokenizer_len_fn=lambda t: len(evol_tok.encode(t)))
+  assert all(method in EVOLINSTRUCT for _, method, _ in scripted.requests)
+  originals = [original for original, _, _ in scripted.requests]
+  sort = [r for r in added if r.root_id == "0-0"]
+  sky = [r for r in added if r.root_id == "0-1"]
+  assert [r.step for r in sort] == [1, 2, 3]
+  if continue_after_unusable is False:
+    # Requests: (sort, sky), then sort alone twice.
+    assert originals == [PROMPTS[0], PROMPTS[2], sort[0].text, sort[1].text]
+    assert "kept 3 of 4 evolved prompts" in caplog.text and sky == []
+    return
+  # Requests: (sort, sky), (sort 1, sky again), (sort 2, sky 2).
+  assert originals == [PROMPTS[0], PROMPTS[2], sort[0].text, PROMPTS[2], sort[1].text,
+                       sky[0].text]
+  assert "kept 5 of 6 evolved prompts" in caplog.text and "'empty': 1" in caplog.text
+  # Sky's step 2 rewrote the sky prompt (its parent), step 3 rewrote step 2.
+  assert [(r.parent_id, r.step) for r in sky] == [("0-1", 2), (sky[0].id, 3)]
+  assert sky[0].text.startswith(PROMPTS[2] + " Then do it the")
+  assert sky[1].text.startswith(sky[0].text + " Then do it the")
+
+
+def test_from_config_reads_the_template_set(tok, tiny_model):
+  config, params = tiny_model
+  cfg = default_config.get_config().creator
+  policy = stages.Policy(config, params, tok, None)
+  evolver = lm_evolver.from_config(cfg, source=None, policy=policy)
+  assert (evolver.template_set, evolver.continue_after_unusable) == ("eva", False)
+  cfg.template_set = "evolinstruct"
+  evolver = lm_evolver.from_config(cfg, source=None, policy=policy)
+  assert (evolver.template_set, evolver.continue_after_unusable) == ("evolinstruct", True)
+  cfg.template_set = "wizardlm"
+  with pytest.raises(ValueError, match="unknown template set 'wizardlm'"):
+    lm_evolver.from_config(cfg, source=None, policy=policy)
+
+
+def test_from_config_loads_a_separate_creator_model(tok, tiny_model, tmp_path):
+  """creator.model names an HF folder: the evolver samples with that model's weights and
+  tokenizer (saved here by `hf.save` beside a copy of the tokenizer), not the policy's; it is
+  read once and reused; a bad folder is one config error."""
+  import shutil
+  from eva_jax import config_check
+  from eva_jax.models import hf
+  config, params = tiny_model
+  other = models.tiny("llama", vocab_size=tok.vocab_size, num_layers=1)
+  other_params = jax.jit(models.init_params, static_argnums=0)(other, jax.random.key(7))
+  folder = str(tmp_path / "creator")
+  hf.save(folder, other, other_params)
+  for name in os.listdir(tok.path):
+    shutil.copy(os.path.join(tok.path, name), folder)
+  cfg = default_config.get_config().creator
+  cfg.evolver, cfg.model = "lm", folder
+  policy = stages.Policy(config, params, tok, None)
+  evolver = lm_evolver.from_config(cfg, source=None, policy=policy)
+  assert evolver.config.num_layers == 1 and config.num_layers != 1
+  for ours, saved in zip(jax.tree.leaves(evolver.params), jax.tree.leaves(other_params)):
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(saved))
+  assert evolver.tokenizer.path == folder
+  assert lm_evolver.from_config(cfg, source=None, policy=policy).params is evolver.params
+  c = default_config.get_config()
+  c.creator.model = str(tmp_path / "missing")
+  c.creator.evolver = "lm"
+  with pytest.raises(ValueError, match="creator.model: checkpoint folder .* does not exist"):
+    config_check.validate(c)
