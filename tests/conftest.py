@@ -8,6 +8,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # gcsfs reads this when imported: it skips a bucket-type probe against the real Storage Control
 # API that fails, with a warning per call, against the local GCS emulator.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# One persistent compilation cache per test run, shared by both xdist workers: many modules
+# compile the same tiny programs (a deserialized executable gives bit-identical results, and a
+# damaged entry is only a warning and a recompile). The end-to-end subprocess runs keep their
+# own (`smoke_cache`). A fresh folder per run keeps the suite's time honest.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    "/tmp", f"eva_jax_tests_{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
