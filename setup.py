@@ -43,7 +43,8 @@ setup(
                  "gguf", "accelerate"],
         # A workdir on gs:// (etils epath reaches GCS through gcsfs when TensorFlow is absent).
         "gcs": ["gcsfs"],
-        # libtpu: compile TPU programs ahead of time on any machine (experiments/memory_plan.py).
-        "tpu": ["libtpu"],
+        # libtpu: compile TPU programs ahead of time on any machine (experiments/memory_plan.py,
+        # the Pallas kernels' TPU compile test). jax[tpu] pins the libtpu of the installed jax.
+        "tpu": ["jax[tpu]"],
     },
 )

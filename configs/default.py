@@ -17,6 +17,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.seed = 0  # Every random draw derives from (seed, iteration, stage).
   c.iterations = 3  # eva iterations after the warm-start.
   c.overwrite = False  # Start over in a workdir holding an incompatible run.
+  # Which prompts each iteration draws (eva_jax/protocol.py): "fresh" (a new chunk every
+  # iteration, the creator in each) or "paper" (both arms train θ0 → θ1 on X1 without the
+  # creator; then eva evolves X1 again while static takes a new X2).
+  c.protocol = "fresh"
 
   # Devices: one mesh (data, fsdp, tensor); -1 = the rest of the devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -53,6 +57,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # (a prepared prompt set: data.path "prompt_set/<config>" in data.data_dir).
   c.data.source = "synthetic"
   c.data.path = ""
+  # The prompt field that names each prompt's topic for creator.selection "topic_weighted"
+  # (jsonl / tfds: "source", e.g. UltraFeedback's; or "category"); "" = none. Synthetic
+  # prompts always carry their task name.
+  c.data.topic_field = ""
   c.data.data_dir = ""  # tfds data folder ("": tfds' default).
   # Base prompts drawn per iteration. Thousands, not hundreds: with a few hundred pairs per
   # iteration the tiny policy learns the pairs' own prompts and the held-out reward does not
@@ -79,16 +87,28 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sampling.max_new_tokens = 24
   c.sampling.max_prompt_length = 40
   c.sampling.batch_size = 64  # Prompts per sampling call (x num_samples rows of KV cache).
+  # True: continuous batching (eva_jax/continuous.py): batch_size x num_samples KV-cache slots,
+  # each refilled with the next (prompt, sample) as its row ends, instead of fixed chunks that
+  # decode until their longest row ends. Draws then key on (prompt, sample), not on the chunk.
+  c.sampling.continuous = False
 
   c.creator = ml_collections.ConfigDict()
   c.creator.enabled = True  # False: the static baseline (fresh base prompts each iteration).
   c.creator.metric = "gap"  # gap, var, mean, maxmean, loo, dts, gap_inv, mean_inv.
-  c.creator.selection = "weighted"  # weighted, greedy, uniform, stratified.
+  c.creator.selection = "weighted"  # weighted, greedy, uniform, stratified, topic_weighted.
+  # topic_weighted: each prompt's weight is (1 - topic_coef) x its share of the normalised
+  # informativeness + topic_coef x its share of the inverse topic frequency, so rare topics get
+  # evolved too (the authors' iw_topic, coefficient 0.25). Topics: synthetic task names, or
+  # data.topic_field of a prompt file.
+  c.creator.topic_coef = 0.25
   c.creator.fraction = 0.25  # Share of prompts selected for evolution.
+  # False: select without evolving (the authors' subset ablation): train on the selected
+  # prompts' own pairs only, no evolved prompts (fewer pairs than eva, as in their runs).
+  c.creator.evolve = True
   c.creator.evolver = "synthetic"  # "synthetic" or "lm" (rewrite with a language model).
   c.creator.num_evolutions = 4  # Chained evolutions per selected prompt, every step kept.
   c.creator.depth_prob = 0.5  # Synthetic evolver: in-depth vs in-breadth.
-  # LM evolver's templates (eva_jax.creator.TEMPLATE_SETS): "eva" (ours: ten, depth_prob between
+  # LM evolver's templates (eva_jax.templates.TEMPLATE_SETS): "eva" (ours: ten, depth_prob between
   # in-depth and in-breadth) or "evolinstruct" (the eva authors' five WizardLM mutations, drawn
   # uniformly; after an unusable reply the chain goes on from its last usable prompt).
   c.creator.template_set = "eva"
@@ -105,6 +125,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # tiny policy lost reward on the easy levels (measured at 512 prompts: mean gain -0.014 vs
   # +0.004 with half).
   c.creator.base_ratio = 0.5
+  # When the evolved pairs are too few for train.num_pairs at base_ratio, fill the budget with
+  # more base pairs (the ratio then rises), so eva trains on exactly as many pairs and updates
+  # as static. Off by default and in the paper's recipe (the mix is as large as its evolved
+  # side allows); on in configs/ablations.py, whose comparisons are at equal budget.
+  c.creator.top_up = False
   c.creator.min_tokens = 2  # Filters on evolved prompts (in tokens of the policy tokenizer).
   c.creator.max_tokens = 40
   c.creator.max_similarity = 0.95  # n-gram Jaccard above this counts as a near-duplicate.

@@ -1,6 +1,6 @@
 """The paper's grid: gemma-2-9b-it, {dpo, sppo, simpo, orpo, rpo, ipo} x {static, eva}, on TPU.
 
-arg = "<loss>,<prompts>[,<slice>][,<reward model>][,<model>]":
+arg = "<loss>,<prompts>[,<slice>][,<reward model>][,<model>][,split3]":
   loss          dpo | sppo | sppo_hard | simpo | orpo | rpo | ipo
   prompts       eva (the creator evolves prompts) | static (fresh UltraFeedback prompts instead)
   slice         v5p-8 (default) | v5e-64 | v5e-32: mesh and micro-batch sized by
@@ -12,6 +12,13 @@ arg = "<loss>,<prompts>[,<slice>][,<reward model>][,<model>]":
   model         gemma2_9b (default, the grid) | llama31_8b | mistral_7b: the eva authors'
                 Llama-3.1-8B-Instruct and Mistral-7B-Instruct-v0.2 recipes (loss sppo only;
                 see "Model recipes" below)
+  split3        the authors' continual runs over three splits (their *-split-by-3 scripts):
+                3 iterations, static X1 → X2 → X3, eva X1 → X̃1 → X̃2 (eva_jax/protocol.py)
+
+The protocol is the paper's (c.protocol "paper"): both arms first train θ0 → θ1 by one DPO
+iteration on a first chunk X1 without the creator (the same θ1, seed for seed); then eva
+re-samples X1 with θ1, evolves it and trains θ1 → θ1̃ on the 20/80 mix, while static trains
+θ1 → θ2 on a new chunk X2.
 
 Launch on a TPU VM slice (every worker runs the same command; the workdir must be one folder
 that every host sees, e.g. a gcsfuse or Filestore mount: process 0 writes the stage artifacts
@@ -74,13 +81,30 @@ sequence length; not measured separately).
 Policy weights are float32 master weights with bfloat16 compute: at lr 5e-7 a bfloat16 weight
 of magnitude 0.02 (spacing 1.2e-4) would round every update away.
 
-Where this departs from the paper: the paper's creator defaults to gemini-1.5-pro and the
-authors' scripts rewrite with gpt-4-0125-preview; here the policy rewrites by default, and
---config.creator.model=/mnt/models/<a larger local instruct model> puts one on the same slice
-(no API model). The runner has no field yet for the paper's protocol: its table starts both arms
-from θ1 = one DPO iteration on a first UltraFeedback chunk, then eva evolves that same chunk
-while static takes a new one, whereas here eva evolves a fresh chunk in every iteration. 10,000
-base prompts per iteration is our choice (the paper's per-iteration count was not found).
+Every remaining departure from the paper and the authors' code:
+  1. Creator: the paper's creator defaults to gemini-1.5-pro and the authors' scripts rewrite with
+     gpt-4-0125-preview; here the policy rewrites by default, and
+     --config.creator.model=/mnt/models/<a larger local instruct model> puts one on the same
+     slice (no API model).
+  2. After an unusable rewrite (no prompt in the reply, or cut off) the EvolInstruct chain goes
+     on from its last usable prompt; distilabel's rewrites the raw reply (eva_jax/lm_evolver.py).
+  3. Chunk sizes: 10,000 base prompts per chunk is our choice (the paper's per-iteration count
+     was not found). Static's chunks are twice that (sources.prompts_per_iteration: as many
+     fresh prompts as eva evolves), of which its θ0 → θ1 iteration keeps the first 10,000, eva's
+     X1; the authors' static arm reads equal-size splits.
+  4. PairRM: the authors' SPPO pairs and win probabilities come from PairRM (src/rank.py); here
+     the reward model gives both (win probability = mean σ of reward differences,
+     train.win_prob_scale).
+  5. The Llama / Mistral recipes sample evolved prompts at temperature 0.9 / top-p 0.9 (their
+     evolve-gen-iter-1.sh) and base prompts at 1.0 / 1.0; one sampling setting here uses 1.0 / 1.0
+     for both.
+  6. Evaluation: a run reports the reward model's held-out win rate against the warm-start on
+     500 held-out prompts; the paper's figures are AlpacaEval 2, Arena-Hard and MT-Bench, judged
+     by GPT-4 in those benchmarks' own pipelines. `python -m eva_jax.answer` writes the answer
+     files they read (README "Benchmark answers"); the judging needs their API keys.
+  7. Numerics: float32 master weights with bfloat16 compute on TPU (module docstring above); the
+     authors' recipes train with `bf16: true` (torch_dtype left unset) under their DeepSpeed
+     ZeRO-3 accelerate config, on GPUs.
 """
 import ml_collections
 
@@ -144,7 +168,7 @@ LOSS_SETTINGS = {
 }
 
 
-def _parse(arg: str) -> tuple[str, str, str, str, str]:
+def _parse(arg: str) -> tuple[str, str, str, str, str, int]:
   parts = [p.strip() for p in arg.split(",") if p.strip()]
   if len(parts) < 2:
     raise ValueError(f"configs/paper.py: arg {arg!r} needs '<loss>,<prompts>' (e.g. 'dpo,eva')")
@@ -153,9 +177,11 @@ def _parse(arg: str) -> tuple[str, str, str, str, str]:
     raise ValueError(f"configs/paper.py: loss {loss!r} is not one of {LOSSES}")
   if prompts not in PROMPTS:
     raise ValueError(f"configs/paper.py: prompts {prompts!r} is not one of {PROMPTS}")
-  slice_name, reward, model = "v5p-8", "armorm", "gemma2_9b"
+  slice_name, reward, model, splits = "v5p-8", "armorm", "gemma2_9b", 2
   for part in rest:
-    if part in SLICES:
+    if part == "split3":
+      splits = 3
+    elif part in SLICES:
       slice_name = part
     elif part in REWARD_MODELS:
       reward = part
@@ -167,14 +193,15 @@ def _parse(arg: str) -> tuple[str, str, str, str, str]:
   if model in MODEL_RECIPES and loss != MODEL_RECIPES[model][0]:
     raise ValueError(f"configs/paper.py: the eva authors' {model} recipe runs "
                      f"{MODEL_RECIPES[model][0]!r}, not {loss!r}")
-  return loss, prompts, slice_name, reward, model
+  return loss, prompts, slice_name, reward, model, splits
 
 
 def get_config(arg: str = "dpo,eva") -> ml_collections.ConfigDict:
-  loss, prompts, slice_name, reward, model = _parse(arg)
+  loss, prompts, slice_name, reward, model, splits = _parse(arg)
   model_path, family = MODELS[model]
   c = default.get_config()
-  c.iterations = 2  # θ0 → θ1 → θ2: the static arm's second iteration is "new human prompts".
+  c.protocol = "paper"  # θ0 → θ1 on X1 in both arms; then eva evolves X1, static takes X2.
+  c.iterations = splits
 
   hw = SLICES[slice_name]
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = hw["mesh"]

@@ -12,7 +12,8 @@ from typing import Any
 
 import ml_collections
 
-from eva_jax import context, creator, fileio, losses, reward, sharding, sources, train_state
+from eva_jax import context, creator, fileio, losses, protocol, reward, sharding, sources
+from eva_jax import templates, train_state
 from eva_jax import workdir as wd
 from eva_jax.kernels.target_logprobs import IMPLS as LOGPROB_IMPLS
 from eva_jax.models.config import FAMILY_FEATURES
@@ -32,16 +33,18 @@ RUN_INFO = "run_info.json"
 def _choices() -> dict[str, tuple]:
   """Each name-picked field and its choices, read from where the names are defined."""
   return {
+      "protocol": protocol.PROTOCOLS,
       "tokenizer.kind": context.TOKENIZER_KINDS,
       "model.source": context.MODEL_SOURCES,
       "model.family": tuple(FAMILY_FEATURES),
       "model.remat": ("none", "full", "dots"),  # ModelConfig.remat has no public list yet.
       "data.source": sources.SOURCES.names(),
+      "data.topic_field": ("",) + sources.TOPIC_FIELDS,
       "reward.kind": reward.SCORERS.names(),
       "creator.metric": creator.INFORMATIVENESS.names(),
       "creator.selection": creator.SELECTORS.names(),
       "creator.evolver": creator.EVOLVERS.names(),
-      "creator.template_set": creator.TEMPLATE_SETS.names(),
+      "creator.template_set": templates.TEMPLATE_SETS.names(),
       "train.optimizer": train_state.OPTIMIZERS,
       "train.schedule": train_state.SCHEDULES,
       "train.logprob_impl": LOGPROB_IMPLS,
@@ -91,7 +94,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not 0 < value <= 1:
       _fail(field, f"must lie in (0, 1], got {value}")
   for field in ("creator.base_ratio", "train.warmup_ratio", "creator.depth_prob",
-                "creator.max_similarity"):
+                "creator.max_similarity", "creator.topic_coef"):
     value = _get(c, field)
     if not 0 <= value <= 1:
       _fail(field, f"must lie in [0, 1], got {value}")
@@ -136,6 +139,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _fail("creator.model", "only the LM evolver (creator.evolver 'lm') uses a creator model")
   if c.creator.model and not os.path.isdir(c.creator.model):
     _fail("creator.model", f"checkpoint folder {c.creator.model!r} does not exist")
+  if (c.creator.selection in creator.TOPIC_METHODS and c.data.source != "synthetic"
+      and not c.data.topic_field):
+    _fail("creator.selection", f"{c.creator.selection!r} needs each prompt's topic: set "
+          "data.topic_field")
   if c.creator.evolver == "synthetic" and c.data.source != "synthetic":
     _fail("creator.evolver", "the synthetic evolver only rewrites synthetic prompts")
   if "online" in c:
@@ -145,11 +152,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
 def _validate_online(c: ml_collections.ConfigDict) -> None:
   """The `online` section (configs/online.py; eva_jax/online_loop.py)."""
   o = c.online
+  # The online loop draws its own prompt batches: the offline loop's protocol and its
+  # select-without-evolving / topic options do not apply there, so refuse them, not ignore them.
+  for field, offline_only, why in (
+      ("protocol", c.protocol != "fresh", "the paper's protocol is an offline-loop schedule"),
+      ("creator.evolve", not c.creator.evolve, "the online loop always evolves"),
+      ("creator.selection", c.creator.selection in creator.TOPIC_METHODS,
+       "the online buffer selects by informativeness only")):
+    if offline_only:
+      _fail(field, f"{_get(c, field)!r} is not supported with an `online` section: {why}")
   for key in ("steps", "prompts_per_step", "max_new_tokens", "updates_per_step", "grad_accum",
               "base_pool", "evolved_pool", "evolve_every", "eval_every", "checkpoint_every",
-              "log_every", "max_visits", "max_zero_visits", "warmup_steps", "num_samples"):
+              "log_every", "max_visits", "max_zero_visits", "warmup_steps", "num_samples",
+              "token_budget"):
     value = o[key]
-    lowest = {"num_samples": 2, "warmup_steps": 0, "evolved_pool": 0}.get(key, 1)
+    lowest = {"num_samples": 2, "warmup_steps": 0, "evolved_pool": 0, "token_budget": 0}.get(key, 1)
     if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
       _fail(f"online.{key}", f"must be an int >= {lowest}, got {value!r}")
   for key in ("learning_rate", "info_floor"):

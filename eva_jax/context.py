@@ -12,6 +12,7 @@ caller first, because they refuse bad input before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from typing import Any
@@ -159,22 +160,41 @@ def _remote_tokenizer(corpus: list[str], remote: str, vocab_size: int):
   return tok
 
 
-def _policy(c, tok, mesh, rules) -> stages.Policy:
+def _model_config(c, tok) -> models.ModelConfig:
+  """The policy's model config alone: the HF folder's config.json, or the config's tiny sizes."""
   if c.model.source == "hf":
-    config, params = hf.load(c.model.path, dtype=c.model.param_dtype, compute_dtype=c.model.dtype,
-                             shardings=sharding.param_shardings_for(mesh, rules))
-    return stages.Policy(config.replace(remat=c.model.remat), params, tok, mesh, rules)
+    path = os.path.join(c.model.path, "config.json")
+    with open(path) as f:
+      config = hf.config_from_hf(json.load(f), where=path, dtype=c.model.param_dtype,
+                                 compute_dtype=c.model.dtype)
+    return config.replace(remat=c.model.remat)
   m = c.model
-  config = models.tiny(
+  return models.tiny(
       m.family, vocab_size=tok.vocab_size, hidden_size=m.hidden_size,
       intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
       num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, pad_token_id=tok.pad_id,
       bos_token_id=tok.bos_id, eos_token_ids=tuple(tok.eos_ids), param_dtype=m.param_dtype,
       dtype=m.dtype, remat=m.remat, max_position_embeddings=1024)
+
+
+def _policy(c, tok, mesh, rules) -> stages.Policy:
+  if c.model.source == "hf":
+    config, params = hf.load(c.model.path, dtype=c.model.param_dtype, compute_dtype=c.model.dtype,
+                             shardings=sharding.param_shardings_for(mesh, rules))
+    return stages.Policy(config.replace(remat=c.model.remat), params, tok, mesh, rules)
+  config = _model_config(c, tok)
   params = jax.jit(lambda k: models.init_params(config, k),
                    out_shardings=sharding.param_shardings(config, mesh, rules))(
                        stages.stage_key(c.seed, -1, "init"))
   return stages.Policy(config, params, tok, mesh, rules)
+
+
+def load_policy(c: ml_collections.ConfigDict, workdir: str, mesh) -> stages.Policy:
+  """The run's policy without params (a checkpoint's come from `restore_state`) and nothing
+  else: no scorer, source or metrics (`eva_jax.answer` needs none)."""
+  tok = _tokenizer(c, workdir)
+  return stages.Policy(_model_config(c, tok), None, tok, mesh,
+                       sharding.rules_from_config(c.mesh.rules))
 
 
 def setup(c: ml_collections.ConfigDict, workdir: str, source, mesh) -> Context:

@@ -1,11 +1,11 @@
-"""The creator: which prompts to evolve, how to ask for an evolution, and one evolution round.
+"""The creator: which prompts to evolve, and one evolution round.
 
 eva's creator step (DESIGN.md, "create"): score every prompt's informativeness from the N rewards
 of its sampled responses (`informativeness`), pick a fraction of the prompts biased towards the
-informative ones (`select`), rewrite each picked prompt through an `Evolver` (the LM evolver
-renders `render_evolution_request` through its chat template and reads the reply with
-`parse_evolved`), drop bad rewrites (`eva_jax.filters`) and keep the rest in the prompt buffer
-with their provenance (`evolve_round`). `mix_pairs` then mixes base-prompt and evolved-prompt
+informative ones (`select`), rewrite each picked prompt through an `Evolver` (the LM evolver asks
+its creator model with the meta-prompts of `eva_jax.templates`), drop bad rewrites
+(`eva_jax.filters`) and keep the rest in the prompt buffer with their provenance
+(`evolve_round`). `mix_pairs` then mixes base-prompt and evolved-prompt
 preference pairs for training.
 
 Randomness: functions that draw take `rng`, primarily an int seed (derived from
@@ -17,11 +17,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import importlib.resources
 import logging
 import math
-import re
-from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Hashable, Optional, Protocol, Sequence, runtime_checkable
 
 import jax
 import numpy as np
@@ -32,11 +30,6 @@ from eva_jax.buffer import PromptBuffer, PromptRecord
 log = logging.getLogger(__name__)
 
 NUM_STRATA = 10
-IN_DEPTH_METHODS = ("add_constraints", "deepen", "concretize", "increase_reasoning", "expand")
-IN_BREADTH_METHODS = ("persona", "shift_in", "shift_out", "mix", "abstract")
-EVOLUTION_METHODS = IN_DEPTH_METHODS + IN_BREADTH_METHODS
-# The evolution request asks for the new prompt between these markers.
-PROMPT_OPEN, PROMPT_CLOSE = "<new_prompt>", "</new_prompt>"
 
 
 # ----------------------------------------------------------------------------- informativeness
@@ -146,17 +139,27 @@ def num_selected(num_prompts: int, fraction: float) -> int:
   return max(1, math.floor(fraction * num_prompts + 0.5))
 
 
-def _select_weighted(scores_P, num, gen):
-  weights_P = _minmax(scores_P)
+def _draw_weighted(weights_P, num, gen):
   # Efraimidis-Spirakis: with E_i ~ Exp(1), the order of the keys E_i / w_i is distributed exactly
   # as successive draws without replacement with probability w_i / (sum of the remaining w).
   # Weight-0 keys are +inf, so those prompts come only after every positive-weight one, in a
   # uniformly random order (the permutation breaks their ties).
-  exp_P = gen.exponential(size=scores_P.size)
-  keys_P = np.full(scores_P.size, np.inf)
+  exp_P = gen.exponential(size=weights_P.size)
+  keys_P = np.full(weights_P.size, np.inf)
   positive_P = weights_P > 0
   keys_P[positive_P] = exp_P[positive_P] / weights_P[positive_P]
-  return np.lexsort((gen.permutation(scores_P.size), keys_P))[:num]
+  return np.lexsort((gen.permutation(weights_P.size), keys_P))[:num]
+
+
+def _score_weights(scores_P):
+  """The min-max normalised scores as a distribution (uniform when every score is equal)."""
+  minmax_P = _minmax(scores_P)
+  total = minmax_P.sum()
+  return minmax_P / total if total > 0 else np.full(scores_P.size, 1.0 / scores_P.size)
+
+
+def _select_weighted(scores_P, num, gen):
+  return _draw_weighted(_score_weights(scores_P), num, gen)
 
 
 def _select_greedy(scores_P, num, gen):
@@ -182,16 +185,57 @@ def _select_stratified(scores_P, num, gen):
   return np.concatenate([gen.choice(b, size=q, replace=False) for b, q in zip(bins, quota_B)])
 
 
-# Selection methods by name: (scores [P], how many, numpy Generator) -> indices.
+def _check_topic_coef(topic_coef) -> None:
+  if (isinstance(topic_coef, bool) or not isinstance(topic_coef, (int, float, np.floating))
+      or not 0.0 <= topic_coef <= 1.0):
+    raise ValueError(f"topic_coef must be a number in [0, 1], got {topic_coef!r}")
+
+
+def topic_weights(scores, topics: Sequence[Hashable], topic_coef: float = 0.25) -> np.ndarray:
+  """The draw weights of "topic_weighted" selection: [P] float64, summing to 1.
+
+  weights = (1 - topic_coef) * w + topic_coef * v, with w the min-max normalised scores divided
+  by their sum (uniform when every score is equal) and v the inverse topic frequencies
+  P / count(topic_i) divided by their sum. That sum is P x (number of distinct topics T), so
+  v_i = 1 / (T count(topic_i)): each topic gets topic_coef / T of the mass, shared evenly by its
+  prompts. The eva authors' `iw_topic` sampling, which they ran with topic_coef 0.25.
+
+  Args:
+    scores: [P] informativeness.
+    topics: one hashable per prompt (None counts as a topic of its own).
+    topic_coef: in [0, 1]; 0 gives the weights of "weighted", 1 balances topics alone.
+  """
+  scores_P = np.asarray(scores, dtype=np.float64)
+  _check_topic_coef(topic_coef)
+  if topics is None:
+    raise ValueError("selection method 'topic_weighted' needs topics, one per prompt")
+  topics = list(topics)
+  if len(topics) != scores_P.size:
+    raise ValueError(f"topics must hold one topic per prompt: got {len(topics)} for "
+                     f"{scores_P.size} scores")
+  counts = collections.Counter(topics)
+  inverse_P = 1.0 / (len(counts) * np.array([counts[t] for t in topics], dtype=np.float64))
+  return (1.0 - topic_coef) * _score_weights(scores_P) + topic_coef * inverse_P
+
+
+def _select_topic_weighted(scores_P, num, gen, *, topics, topic_coef):
+  return _draw_weighted(topic_weights(scores_P, topics, topic_coef), num, gen)
+
+
+# Selection methods by name: (scores [P], how many, numpy Generator) -> indices; the ones in
+# TOPIC_METHODS also take keyword arguments topics and topic_coef.
 SELECTORS = registry.Registry("selection method")
 SELECTORS.register("weighted", _select_weighted)
 SELECTORS.register("greedy", _select_greedy)
 SELECTORS.register("uniform", _select_uniform)
 SELECTORS.register("stratified", _select_stratified)
+SELECTORS.register("topic_weighted", _select_topic_weighted)
 SELECTION_METHODS = SELECTORS.names()
+TOPIC_METHODS = ("topic_weighted",)
 
 
-def select(scores, *, fraction: float, method: str = "weighted", rng) -> np.ndarray:
+def select(scores, *, fraction: float, method: str = "weighted", rng,
+           topics: Optional[Sequence[Hashable]] = None, topic_coef: float = 0.25) -> np.ndarray:
   """Picks which prompts to evolve.
 
   Args:
@@ -204,9 +248,16 @@ def select(scores, *, fraction: float, method: str = "weighted", rng) -> np.ndar
       greedy      the highest scores, ties by lower index (ignores rng);
       uniform     uniformly without replacement;
       stratified  10 equal-count quantile bins of the scores, equal draws from each as far as
-                  the count allows (the remainder to random bins), uniform within a bin.
-      When every score is equal (P > 1) all methods fall back to uniform, with a warning.
+                  the count allows (the remainder to random bins), uniform within a bin;
+      topic_weighted  like weighted, by the weights `topic_weights(scores, topics, topic_coef)`:
+                  a blend of the normalised scores and the inverse topic frequency (rare topics
+                  get drawn too); topic_coef 0 draws exactly the indices of weighted.
+      When every score is equal (P > 1) the other methods fall back to uniform, with a
+      warning; topic_weighted keeps its topic part and makes its score part uniform.
     rng: int seed (primary), numpy Generator or JAX PRNG key; the same seed gives the same pick.
+    topics: one hashable per prompt (e.g. `sources.Prompt.topic`); required by topic_weighted,
+      unused by the others.
+    topic_coef: in [0, 1], topic_weighted's share of the topic part (the eva authors': 0.25).
 
   Returns:
     [K] int64 sorted distinct prompt indices.
@@ -217,139 +268,18 @@ def select(scores, *, fraction: float, method: str = "weighted", rng) -> np.ndar
   bad_P = ~np.isfinite(scores_P)
   if bad_P.any():
     raise ValueError(f"non-finite scores at prompt index(es) {np.flatnonzero(bad_P)[:20].tolist()}")
+  _check_topic_coef(topic_coef)
   select_fn = SELECTORS.get(method)
+  if method in TOPIC_METHODS:
+    select_fn = functools.partial(select_fn, topics=topics, topic_coef=topic_coef)
   num = num_selected(scores_P.size, fraction)
   gen = numpy_rng(rng)
-  if scores_P.size > 1 and scores_P.max() == scores_P.min() and method != "uniform":
+  if (scores_P.size > 1 and scores_P.max() == scores_P.min()
+      and method not in ("uniform",) + TOPIC_METHODS):
     log.warning("all %d informativeness scores equal %g: selecting uniformly instead of %r",
                 scores_P.size, scores_P[0], method)
     select_fn = SELECTORS.get("uniform")
   return np.sort(select_fn(scores_P, num, gen)).astype(np.int64)
-
-
-# -------------------------------------------------------------------------- evolution requests
-
-
-_PLACEHOLDER = re.compile(r"\{(\w+)\}")
-
-
-@dataclasses.dataclass(frozen=True)
-class TemplateSet:
-  """A named set of evolution templates and how a chain step draws one of them.
-
-  Attributes:
-    in_depth, in_breadth: the template names of each group (files eva_jax/templates/<name>.txt).
-    uniform: True draws every template with the same probability (depth_prob and method_weights
-      do not apply); False splits depth_prob / 1 - depth_prob between the groups, then weighs
-      within a group (`eva_jax.lm_evolver.method_probabilities`).
-    continue_after_unusable: what an LM chain does after a reply that gives no prompt: False ends
-      the chain, True goes on rewriting the chain's last usable prompt (`eva_jax.lm_evolver`).
-  """
-  in_depth: tuple[str, ...]
-  in_breadth: tuple[str, ...]
-  uniform: bool
-  continue_after_unusable: bool
-
-  @property
-  def methods(self) -> tuple[str, ...]:
-    return self.in_depth + self.in_breadth
-
-
-TEMPLATE_SETS = registry.Registry("template set")
-# Ours: ten templates, depth_prob between the groups; a chain ends at its first unusable reply.
-TEMPLATE_SETS.register("eva", TemplateSet(IN_DEPTH_METHODS, IN_BREADTH_METHODS, uniform=False,
-                                          continue_after_unusable=False))
-# EvolInstruct as the eva authors ran it (distilabel's EvolInstruct task behind their
-# src/evolve_prompt.py): WizardLM's four in-depth mutations and its in-breadth one, one drawn
-# uniformly per step, every step rewriting the previous step's output.
-TEMPLATE_SETS.register("evolinstruct", TemplateSet(
-    ("add_constraints", "deepen", "concretize", "increase_reasoning"), ("breadth",),
-    uniform=True, continue_after_unusable=True))
-# Every template file any set names, each once, in set order.
-TEMPLATE_NAMES = tuple(dict.fromkeys(
-    name for set_name in TEMPLATE_SETS.names() for name in TEMPLATE_SETS.get(set_name).methods))
-
-
-@functools.lru_cache(maxsize=1)
-def _template_items() -> tuple[tuple[str, str], ...]:
-  folder = importlib.resources.files("eva_jax") / "templates"
-  items = []
-  for name in TEMPLATE_NAMES:
-    text = (folder / f"{name}.txt").read_text(encoding="utf-8").strip()
-    expected = ["other", "prompt"] if name == "mix" else ["prompt"]
-    if sorted(_PLACEHOLDER.findall(text)) != expected:
-      raise ValueError(f"template {name}.txt must hold the placeholders {expected} once each, got "
-                       f"{_PLACEHOLDER.findall(text)}")
-    if PROMPT_OPEN not in text or PROMPT_CLOSE not in text:
-      raise ValueError(f"template {name}.txt must name the markers {PROMPT_OPEN} {PROMPT_CLOSE}")
-    items.append((name, text))
-  return tuple(items)
-
-
-def load_templates(template_set: str = "eva") -> dict[str, str]:
-  """Evolution method name -> meta-prompt text (eva_jax/templates/<name>.txt) of one set."""
-  templates = dict(_template_items())
-  return {name: templates[name] for name in TEMPLATE_SETS.get(template_set).methods}
-
-
-def render_evolution_request(template_name: str, prompt: str,
-                             other: Optional[str] = None) -> str:
-  """The user message asking the creator model to evolve `prompt` with one method.
-
-  `other` is the second prompt for "mix" (required there, refused elsewhere). The texts are
-  inserted verbatim (stripped); braces in them are never read as placeholders.
-  """
-  templates = dict(_template_items())
-  if template_name not in templates:
-    raise ValueError(f"unknown evolution template {template_name!r}; expected one of "
-                     f"{TEMPLATE_NAMES}")
-  if (other is not None) != (template_name == "mix"):
-    raise ValueError(f"template {template_name!r}: `other` is required for 'mix' and only there")
-  values = {"prompt": prompt} if other is None else {"prompt": prompt, "other": other}
-  for key, value in values.items():
-    if not isinstance(value, str) or not value.strip():
-      raise ValueError(f"{key} must be a non-empty string, got {value!r:.80}")
-  return _PLACEHOLDER.sub(lambda m: values[m.group(1)].strip(), templates[template_name])
-
-
-_MARKED = re.compile(re.escape(PROMPT_OPEN) + r"(.*?)" + re.escape(PROMPT_CLOSE), re.DOTALL)
-_NOUN = r"(?:prompt|request|question|instruction)"
-_ADJECTIVE = r"(?:new|rewritten|evolved|revised|harder|updated|final)"
-_HERE_IS = rf"here(?:'s|\s+is)\s+(?:the|a|my|your)\s+(?:{_ADJECTIVE}\s+)?{_NOUN}"
-_PREAMBLE = re.compile(
-    r"^\s*(?:(?:sure|okay|ok|certainly|of course)\b[!.,]?\s*)?(?:\*\*)?"
-    rf"(?:{_HERE_IS}|{_ADJECTIVE}\s+{_NOUN})\s*(?:\*\*)?\s*:\s*(?:\*\*)?", re.IGNORECASE)
-_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019"}
-
-
-def parse_evolved(text: str) -> Optional[str]:
-  """Reads the new prompt from the creator model's reply; None when there is none.
-
-  Takes the last non-empty <new_prompt>...</new_prompt> span (a reply that echoes the instruction
-  first still parses); with only an opening marker, what follows the last one (the model hit EOS
-  without closing; the LM evolver may drop unfinished samples itself); with only a closing marker,
-  what precedes it (the opening marker was put in the generation prompt); with no marker, the
-  whole reply. Then strips a preamble like "Here is the rewritten prompt:" and enclosing quotes.
-  """
-  if not isinstance(text, str):
-    raise TypeError(f"expected the reply text as a str, got {type(text).__name__}")
-  spans = [span.strip() for span in _MARKED.findall(text)]
-  if any(spans):
-    body = [span for span in spans if span][-1]
-  elif spans:
-    return None
-  elif PROMPT_OPEN in text:
-    body = text.rsplit(PROMPT_OPEN, 1)[1]
-  elif PROMPT_CLOSE in text:
-    body = text.split(PROMPT_CLOSE, 1)[0]
-  else:
-    body = text
-  body = _PREAMBLE.sub("", body.strip(), count=1).strip()
-  # Enclosing quotes go only when they wrap the whole text ('"a" or "b"' keeps its quotes).
-  if (len(body) >= 2 and _QUOTES.get(body[0]) == body[-1]
-      and body[0] not in body[1:-1] and body[-1] not in body[1:-1]):
-    body = body[1:-1].strip()
-  return body or None
 
 
 # ------------------------------------------------------------------------------------ evolving

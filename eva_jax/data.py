@@ -1,6 +1,7 @@
 """Prompt datasets: local prompt files, a tensorflow-datasets builder, per-process sharding.
 
-Three file layouts are read, all into `PromptExample(id, text, source, category)`:
+Three file layouts are read, all into
+`PromptExample(id, text, source, category, cluster)`:
 
 - `jsonl`: one JSON object a line with the prompt under `prompt` (or `instruction`, or
   `turns[0]`), or a bare JSON string a line; a `.txt` file holds one plain-text prompt a line;
@@ -15,7 +16,7 @@ Three file layouts are read, all into `PromptExample(id, text, source, category)
 Ids come from `id`, `prompt_id` or `question_id` (in that order); a row without one gets
 `f"{file_stem}:{n}"`, n its 1-based line number (its 0-based row / item index in a parquet /
 `.json` file). `source` is the row's own `source` field when it has one, else the layout's name;
-`category` is the row's `category` or "" (Arena-Hard's `cluster` is not kept).
+`category` and `cluster` are the row's own fields or "" (Arena-Hard's `cluster` is its topic).
 
 Prompt files are untrusted input; each of these is refused with a ValueError naming the file and
 line (`.jsonl`, `.txt`), item (`.json`) or row (`.parquet`), never truncated or skipped: a
@@ -70,12 +71,14 @@ class PromptExample:
     text: the prompt (the first user turn).
     source: where it came from (the row's `source` field, else the layout name).
     category: the row's `category` ("" when it has none).
+    cluster: the row's `cluster` (Arena-Hard's topic cluster; "" when it has none).
   """
 
   id: str
   text: str
   source: str
   category: str = ""
+  cluster: str = ""
 
 
 def _check_text(text: str, what: str, where: str) -> str:
@@ -144,10 +147,11 @@ def example_from_row(row: Any, *, fmt: str, fallback_id: str, where: str) -> Pro
   prompt_id = next((_scalar_id(row[k], where) for k in _ID_KEYS if row.get(k) is not None),
                    fallback_id)
   source = row.get("source")
-  category = row.get("category")
+  category, cluster = row.get("category"), row.get("cluster")
   return PromptExample(id=prompt_id, text=text,
                        source=source if isinstance(source, str) and source else fmt,
-                       category=category if isinstance(category, str) else "")
+                       category=category if isinstance(category, str) else "",
+                       cluster=cluster if isinstance(cluster, str) else "")
 
 
 def _lines(path: epath.Path) -> Iterator[tuple[int, str]]:
@@ -306,7 +310,8 @@ class PromptSet(tfds.core.GeneratorBasedBuilder):
   `config=PromptSetConfig(name=..., fmt=..., patterns=(...))`.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Keeps each prompt's `cluster` (Arena-Hard's topic)."}
   BUILDER_CONFIGS = [
       PromptSetConfig(name="jsonl", fmt="jsonl", patterns=("*.jsonl", "*.txt"),
                       description="JSONL with a `prompt` field per line, or plain text lines."),
@@ -333,6 +338,7 @@ class PromptSet(tfds.core.GeneratorBasedBuilder):
             "prompt": tfds.features.Text(),
             "source": tfds.features.Text(),
             "category": tfds.features.Text(),
+            "cluster": tfds.features.Text(),
         }),
         # Keep file order: integer keys, no hash shuffling, so the data source matches the file.
         disable_shuffling=True,
@@ -351,7 +357,7 @@ class PromptSet(tfds.core.GeneratorBasedBuilder):
     examples = read_prompt_files(paths, self.builder_config.fmt)
     for index, example in enumerate(examples):
       yield index, {"id": example.id, "prompt": example.text, "source": example.source,
-                    "category": example.category}
+                    "category": example.category, "cluster": example.cluster}
 
 
 def prepare_prompt_set(manual_dir: str | os.PathLike, *, config: str | PromptSetConfig = "jsonl",
@@ -404,7 +410,8 @@ def _read_prepared(spec: str, data_dir: Optional[str | os.PathLike], process_ind
   indices = list(process_range(len(source), process_index, process_count))
   rows = source.__getitems__(indices) if indices else []
   return [PromptExample(id=_decode(r["id"]), text=_decode(r["prompt"]),
-                        source=_decode(r["source"]), category=_decode(r["category"]))
+                        source=_decode(r["source"]), category=_decode(r["category"]),
+                        cluster=_decode(r["cluster"]))
           for r in rows]
 
 

@@ -86,22 +86,28 @@ def _tstamp(tstamp: Optional[float]) -> float:
 
 def write_alpaca_eval(path: str | os.PathLike, instructions: Sequence[str],
                       outputs: Sequence[str], generator: str, *,
-                      dataset: Optional[str] = None) -> None:
+                      dataset: Optional[str | Sequence[str]] = None) -> None:
   """AlpacaEval 2 model outputs: a JSON list, one {"instruction", "output", "generator"
-  [, "dataset"]} per instruction, in the given order."""
+  [, "dataset"]} per instruction, in the given order. `dataset`: one name for all, or one per
+  instruction (the eval set's own, e.g. "helpful_base")."""
   _check_name("generator", generator)
-  if dataset is not None:
+  if isinstance(dataset, str):
     _check_name("dataset", dataset)
   if isinstance(instructions, str) or not len(instructions):
     raise ValueError(f"instructions must be a non-empty sequence of strings, got "
                      f"{instructions!r:.80}")
   _check_texts("instructions", instructions, len(instructions))
   _check_texts("outputs", outputs, len(instructions))
+  if dataset is None or isinstance(dataset, str):
+    datasets = [dataset] * len(instructions)
+  else:
+    _check_texts("dataset", dataset, len(instructions))
+    datasets = list(dataset)
   records = []
-  for instruction, output in zip(instructions, outputs):
+  for instruction, output, name in zip(instructions, outputs, datasets):
     record = {"instruction": instruction, "output": output, "generator": generator}
-    if dataset is not None:
-      record["dataset"] = dataset
+    if name is not None:
+      record["dataset"] = name
     records.append(record)
   fileio.atomic_write(path, json.dumps(records, ensure_ascii=False, indent=1) + "\n")
 

@@ -5,16 +5,16 @@ the creator model to rewrite the output of step s - 1 (step 1 rewrites the selec
 every step is returned as a `creator.Candidate` for `creator.evolve_round` to filter and keep.
 
 One step of one chain:
-1. a method is drawn (`plan_chains`) from the template set (`creator.TEMPLATE_SETS`): for "eva"
+1. a method is drawn (`plan_chains`) from the template set (`templates.TEMPLATE_SETS`): for "eva"
    (ours, the default), in-depth with probability `depth_prob`, else in-breadth, then a method
    of that group in proportion to `method_weights`; "mix" also draws a second prompt, another
    selected prompt (the original text, not its chain's rewrite). For "evolinstruct" (the eva
    authors' WizardLM mutations), one of its five uniformly;
-2. `creator.render_evolution_request` writes the meta-prompt, the creator's chat template turns
+2. `templates.render_evolution_request` writes the meta-prompt, the creator's chat template turns
    it into token ids (one user turn plus the generation prompt);
 3. `eva_jax.sampling.sample_batched` draws one reply, batched over every chain at this step
    (chunks of `batch_size` requests), and the reply's tokens up to its eos are decoded;
-4. `creator.parse_evolved` reads the new prompt out of the reply.
+4. `templates.parse_evolved` reads the new prompt out of the reply.
 
 A chain stops early (no later steps) when its request is longer than `max_prompt_tokens`: the
 request is skipped and no candidate is emitted for that step, with a logged warning. Cutting
@@ -53,7 +53,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 import jax
 import numpy as np
 
-from eva_jax import creator, sampling, sharding, stages
+from eva_jax import creator, sampling, sharding, stages, templates
 from eva_jax.buffer import PromptRecord
 from eva_jax.models.config import ModelConfig
 from eva_jax.models.tokenizer import Tokenizer
@@ -74,7 +74,7 @@ def method_probabilities(depth_prob: float = 0.5,
                          method_weights: Optional[Mapping[str, float]] = None, *,
                          allow_mix: bool = True, template_set: str = "eva") -> np.ndarray:
   """Probability of each method of a template set (in its `methods` order) at one step -> [M]
-  (the "eva" set: `creator.EVOLUTION_METHODS`, M = 10).
+  (the "eva" set: `templates.EVOLUTION_METHODS`, M = 10).
 
   Args:
     depth_prob: chance of an in-depth method; in-breadth gets 1 - depth_prob. A group whose
@@ -83,12 +83,12 @@ def method_probabilities(depth_prob: float = 0.5,
       mapping weighs the methods it names (the others 0).
     allow_mix: False (a single selected prompt, nothing to mix with) sets "mix" to 0 before the
       group shares are computed.
-    template_set: a name in `creator.TEMPLATE_SETS`; a uniform set ("evolinstruct") gives each
+    template_set: a name in `templates.TEMPLATE_SETS`; a uniform set ("evolinstruct") gives each
       of its methods 1 / M and takes no method_weights (depth_prob is only validated).
   """
   if isinstance(depth_prob, bool) or not 0.0 <= depth_prob <= 1.0:
     raise ValueError(f"depth_prob must be in [0, 1], got {depth_prob!r}")
-  tset = creator.TEMPLATE_SETS.get(template_set)
+  tset = templates.TEMPLATE_SETS.get(template_set)
   methods = tset.methods
   if tset.uniform:
     if method_weights is not None:
@@ -132,7 +132,7 @@ def plan_chains(num_prompts: int, num_chained: int, gen: np.random.Generator, *,
   """
   probs_M = method_probabilities(depth_prob, method_weights, allow_mix=num_prompts > 1,
                                  template_set=template_set)
-  methods = creator.TEMPLATE_SETS.get(template_set).methods
+  methods = templates.TEMPLATE_SETS.get(template_set).methods
   plan = []
   for prompt in range(num_prompts):
     chain = []
@@ -229,7 +229,7 @@ class LMEvolver:
     self.depth_prob, self.method_weights = depth_prob, method_weights
     self.template_set = template_set
     if continue_after_unusable is None:
-      continue_after_unusable = creator.TEMPLATE_SETS.get(template_set).continue_after_unusable
+      continue_after_unusable = templates.TEMPLATE_SETS.get(template_set).continue_after_unusable
     self.continue_after_unusable = bool(continue_after_unusable)
     self.config, self.params, self.tokenizer = config, params, tokenizer
     self.temperature, self.top_p = float(temperature), float(top_p)
@@ -237,9 +237,9 @@ class LMEvolver:
     self.mesh, self.rules, self.progress = mesh, rules, progress
 
   def _parse(self, reply: str, finished: bool) -> Optional[str]:
-    if not finished and not self.keep_unfinished and creator.PROMPT_CLOSE not in reply:
+    if not finished and not self.keep_unfinished and templates.PROMPT_CLOSE not in reply:
       return None
-    return creator.parse_evolved(reply)
+    return templates.parse_evolved(reply)
 
   def evolve(self, prompts: Sequence[PromptRecord], *, rng: Any,
              iteration: int) -> list[creator.Candidate]:
@@ -265,7 +265,7 @@ class LMEvolver:
         planned = plan[i][step - 1]
         other = None if planned.other is None else records[planned.other].text
         request = self.tokenizer.apply_chat_template(
-            creator.render_evolution_request(planned.method, current[i], other))
+            templates.render_evolution_request(planned.method, current[i], other))
         if len(request) > self.max_prompt_tokens:
           skipped.append((records[i].id, len(request)))
           continue

@@ -21,6 +21,10 @@ derives from (seed, step, stage), so the train state (Orbax, `online/checkpoints
 the buffer (`online/buffer_<step>.json`, written before its checkpoint) are all a resume needs:
 a run killed anywhere ends with the same params as an uninterrupted one. Held-out evaluations
 are artifacts (`online/evaluate_<step>.json`); report.md is rewritten after each.
+
+`online.token_budget` > 0 ends the run after the step at which its generated tokens (policy
+samples + creator rewrites: the buffer's counters) reach it, with the final evaluation, checkpoint
+and report of a normal end; a resume reads the end from the counters of the last checkpoint.
 """
 from __future__ import annotations
 
@@ -70,6 +74,13 @@ class _CountingEvolver:
     return candidates
 
 
+def budget_reached(counters: dict, token_budget: int) -> bool:
+  """Whether a run's generated tokens (`counters`: OnlineBuffer.counters) reach `token_budget`
+  (0: no budget)."""
+  used = counters.get("policy_tokens", 0) + counters.get("creator_tokens", 0)
+  return token_budget > 0 and used >= token_budget
+
+
 def _path(ctx, name: str) -> str:
   return fileio.join(ctx.workdir, "online", name)
 
@@ -81,7 +92,9 @@ def _rollout(ctx, policy, ref_params, texts, s):
   ids = stages.prompt_ids(tok, texts, c.sampling.max_prompt_length)
   out = sampling.sample_batched(
       policy.model_config, policy.params, ids, rng=stage_key(c.seed, s, "sample"),
-      batch_size=len(ids), num_samples=oc.num_samples, max_new_tokens=oc.max_new_tokens,
+      # Chunks of sampling.batch_size prompts bound the KV cache (sized by the memory plan).
+      batch_size=min(len(ids), c.sampling.batch_size), num_samples=oc.num_samples,
+      max_new_tokens=oc.max_new_tokens,
       pad_id=tok.pad_id, temperature=1.0, top_p=1.0, top_k=0, eos_ids=tok.eos_ids,
       mesh=mesh, rules=policy.rules)
   logs = {"time_sample": time.perf_counter() - start}
@@ -243,29 +256,38 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       buf = OnlineBuffer()
       buf.refill(stream, oc.base_pool, step=0)
     eval_steps = _eval_steps(oc)
+    ended = start == oc.steps or budget_reached(buf.counters, oc.token_budget)
     # Evaluated before their checkpoints were saved: read back, never recomputed.
     evals = [base] + [_evaluate(ctx, None, s, base) for s in eval_steps if s <= start]
+    if ended and start not in eval_steps:  # Ended by the budget at `start`.
+      evals.append(_evaluate(ctx, None, start, base))
     with console.bar("online", oc.steps, "step") as bar:
       bar.update(start)
-      for s in range(start, oc.steps):
+      for s in range(start, start if ended else oc.steps):
         state, row, rewards_PxK, info_P = _step(ctx, update, state, ref_params, buf, stream, s)
         ctx.metrics.log("online", s + 1, **row)
         wd.kill_point("online_step")
-        if (s + 1) % oc.log_every == 0:
+        last = s + 1 == oc.steps or budget_reached(buf.counters, oc.token_budget)
+        if (s + 1) % oc.log_every == 0 or last:
           console.say(console.stage_line("online", s + 1, row["wall_seconds"], {
               k: row[k] for k in ("reward", "kl", "no_signal", "buffer_size",
                                   "buffer_evolved")}))
-        if s + 1 in eval_steps:  # Before its checkpoint: a resume reads it back.
+        if last and s + 1 < oc.steps:
+          console.say(f"online: token budget {oc.token_budget} reached after step {s + 1}")
+        evaluated = s + 1 in eval_steps or last
+        if evaluated:  # Before its checkpoint: a resume reads it back.
           evals.append(_evaluate(ctx, state.params, s + 1, base,
                                  sample_rewards=rewards_PxK.ravel().tolist(),
                                  informativeness=info_P.tolist()))
-        if (s + 1) % oc.checkpoint_every == 0 or s + 1 in eval_steps:
+        if (s + 1) % oc.checkpoint_every == 0 or evaluated:
           wd.write_json(_path(ctx, f"buffer_{s + 1:06d}.json"), buf.to_json())
           checkpoints.save(s + 1, state)
-        if s + 1 in eval_steps:
+        if evaluated:
           _report(ctx, evals, buf)
         bar.update(1)
-    if start == oc.steps:  # Finished before: the report again (a kill may have cut it).
+        if last:
+          break
+    if ended:  # Finished before: the report again (a kill may have cut it).
       _report(ctx, evals, buf)
     return evals[-1]
   finally:

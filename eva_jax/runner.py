@@ -25,7 +25,8 @@ from typing import Optional
 import ml_collections
 import numpy as np
 
-from eva_jax import config_check, console, context, creator, export, fileio, report, stages
+from eva_jax import config_check, console, context, creator, export, fileio, protocol, report
+from eva_jax import stages
 from eva_jax import workdir as wd
 from eva_jax.buffer import PromptBuffer
 
@@ -74,6 +75,17 @@ def warm_start(ctx) -> None:  # θ_0, checkpoint 0: the SFT warm-start or the lo
     st.note(steps=steps, examples=len(examples), **{k: last[k] for k in ("loss",) if k in last})
 
 
+def _base_prompts(ctx, t: int) -> list[dict]:
+  c = ctx.config
+  chunk, _ = protocol.iteration_plan(c.protocol, t, c.creator.enabled)
+  prompts = ctx.source.base_prompts(chunk)
+  if c.protocol == "paper" and t == 0:
+    # Static draws larger chunks (sources.prompts_per_iteration); its θ1 must be eva's, so
+    # iteration 0 keeps the first data.num_prompts, the same prompts in both arms.
+    prompts = prompts[:c.data.num_prompts]
+  return [{"text": p.text, "id": p.id, "topic": p.topic} for p in prompts]
+
+
 def _create(ctx, policy, t: int, prompts: list[dict], rewards, info) -> dict:
   c, prev = ctx.config, ctx.path(t - 1, "buffer.jsonl")
   buffer = wd.load_buffer(prev) if t > 0 and fileio.exists(prev) else PromptBuffer()
@@ -81,7 +93,7 @@ def _create(ctx, policy, t: int, prompts: list[dict], rewards, info) -> dict:
       buffer, [p["text"] for p in prompts], rewards, info, iteration=t, creator_cfg=c.creator,
       evolver=ctx.evolver(policy), rng=stages.stage_rng(c.seed, t, "create"),
       token_count=lambda s: len(policy.tokenizer.encode(s)),
-      dataset_ids=[p["id"] for p in prompts])
+      dataset_ids=[p["id"] for p in prompts], topics=_topics(prompts))
   if wd.is_writer():
     buffer.save(ctx.path(t, "buffer.jsonl"))
   return created
@@ -98,15 +110,17 @@ def _iteration(ctx, t: int, baseline: Optional[dict]) -> dict:
                                      {"heldout_reward": done["heldout_reward"]}))
       return done
   policy = ctx.policy_at(t)
-  prompts = wd.cached_json(ctx.path(t, "prompts.json"), lambda: [
-      {"text": p.text, "id": p.id} for p in ctx.source.base_prompts(t)])
+  prompts = wd.cached_json(ctx.path(t, "prompts.json"), lambda: _base_prompts(ctx, t))
   texts = [p["text"] for p in prompts]
+  _, creator_on = protocol.iteration_plan(c.protocol, t, c.creator.enabled)
   gen, rewards = _generate_scored(ctx, policy, t, "generate", texts)
   floor, scale = c.train.min_chosen_reward, c.train.win_prob_scale
   base_pairs = stages.best_worst_pairs(texts, gen, rewards, "base", min_chosen_reward=floor,
                                        win_prob_scale=scale)
   evolved_pairs, info = [], creator.informativeness(rewards, c.creator.metric)
-  if c.creator.enabled:
+  if creator_on and not c.creator.evolve:
+    base_pairs = _informative_subset(ctx, t, prompts, info, base_pairs)
+  elif creator_on:
     with console.Stage(ctx.metrics, "create", t) as st:
       created = wd.cached_json(ctx.path(t, "create.json"),
                              st.compute(lambda: _create(ctx, policy, t, prompts, rewards, info)))
@@ -157,6 +171,29 @@ def _iteration(ctx, t: int, baseline: Optional[dict]) -> dict:
     st.note(heldout_reward=result["heldout_reward"],
             **({"win_rate": result["win_rate"]} if result["win_rate"] is not None else {}))
   return result
+
+
+def _topics(prompts: list[dict]):
+  """Each prompt's topic (None when the source has none, e.g. a prompts.json written before
+  topics were recorded): what creator.select's topic_weighted needs."""
+  topics = [p.get("topic") for p in prompts]
+  return None if all(x is None for x in topics) else topics
+
+
+def _informative_subset(ctx, t: int, prompts: list[dict], info, base_pairs: list[dict]) -> list:
+  """Select without evolving (the authors' subset-iw / subset-greedy ablation): the selected
+  prompts' own pairs are the training pairs; fewer than eva's, as in their runs."""
+  c = ctx.config
+  with console.Stage(ctx.metrics, "select", t) as st:
+    chosen = wd.cached_json(ctx.path(t, "subset.json"), st.compute(lambda: {
+        "selected": creator.select(
+            info, fraction=c.creator.fraction, method=c.creator.selection,
+            rng=stages.stage_rng(c.seed, t, "create"), topics=_topics(prompts),
+            topic_coef=c.creator.topic_coef).tolist()}))
+    keep = {prompts[i]["text"] for i in chosen["selected"]}
+    subset = [p for p in base_pairs if p["prompt"] in keep]
+    st.note(selected=len(keep), pairs=len(subset))
+  return subset
 
 
 def _evaluate(ctx, policy, t: int) -> dict:

@@ -10,6 +10,9 @@
    `eos_ids`. Rows are prompt-major (row b * N + n). The N samples of a prompt read its prompt
    cache without repeating it; their own tokens go to a per-row cache.
 
+`eva_jax.continuous` decodes the same way through a fixed pool of slots that are refilled as
+their rows end (continuous batching), reusing this module's helpers.
+
 Prompts may be right- or left-padded (or both): positions come from the mask, the last real
 token is each row's rightmost masked token, and padded slots are never attended. Prompt widths
 and batch sizes are bucketed to powers of two so a run compiles a bounded number of times.
@@ -47,8 +50,8 @@ from eva_jax.models.config import ModelConfig
 # Traces of each jitted stage; a test reads it to check the bucketing bounds recompiles.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
-_MAX_EOS = 8  # eos ids are padded to this many so their number does not recompile.
-_MIN_PROMPT_BUCKET = 8
+MAX_EOS = 8  # eos ids are padded to this many so their number does not recompile.
+MIN_PROMPT_BUCKET = 8
 
 
 class SampleOutput(NamedTuple):
@@ -70,12 +73,14 @@ class SampleOutput(NamedTuple):
 # Prefill and decode
 
 
-def _cache_sharding(shape, mesh, rules):
+def cache_sharding(shape, mesh, rules):
+  """The KV cache's placement: batch rows over data+fsdp, KV heads by the rules."""
   return sharding.logical_to_sharding(
       shape, ("layers", "act_batch", "act_kv_heads", "act_len", "head_dim"), mesh, rules)
 
 
-def _on_batch(x: jax.Array, mesh) -> jax.Array:
+def on_batch(x: jax.Array, mesh) -> jax.Array:
+  """`x` constrained to the batch sharding (leading axis over the batch shards) on `mesh`."""
   if mesh is None:
     return x
   return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.ndim))
@@ -108,9 +113,9 @@ def _prefill(config: ModelConfig, params: dict, prompts_BxP: jax.Array, mask_BxP
       config, b * num_samples, max(max_new_tokens - 1, 1), cache_dtype)}
   if mesh is not None:
     cache = jax.tree.map(
-        lambda c: jax.lax.with_sharding_constraint(c, _cache_sharding(c.shape, mesh, rules)),
+        lambda c: jax.lax.with_sharding_constraint(c, cache_sharding(c.shape, mesh, rules)),
         cache)
-  return cache, _on_batch(logits_BxV, mesh)
+  return cache, on_batch(logits_BxV, mesh)
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",), static_argnames=(
@@ -160,7 +165,7 @@ def _decode(config: ModelConfig, params: dict, cache: dict, logits_BxV: jax.Arra
   first_R, first_lp_R = select(jnp.repeat(logits_BxV, n, axis=0), step_keys(0))
   out = (jnp.full((r, t), pad_id, jnp.int32), jnp.zeros((r, t), jnp.float32),
          jnp.zeros((r,), jnp.int32), ~jnp.repeat(active_B, n), jnp.full((r,), -1, jnp.int32))
-  out = record(0, _on_batch(first_R, mesh), first_lp_R, out)
+  out = record(0, on_batch(first_R, mesh), first_lp_R, out)
 
   def body(state):
     i, cache, prev_R, out = state
@@ -189,7 +194,7 @@ def _decode(config: ModelConfig, params: dict, cache: dict, logits_BxV: jax.Arra
 # Host side: validation, bucketing, placement
 
 
-def _bucket(n: int, minimum: int = 1, multiple: int = 1) -> int:
+def round_up_bucket(n: int, minimum: int = 1, multiple: int = 1) -> int:
   """The next power of two >= n (and >= minimum), rounded up to a multiple of `multiple`."""
   size = max(minimum, 1 << max(n - 1, 0).bit_length())
   return -(-size // multiple) * multiple
@@ -261,20 +266,20 @@ def sample(config: ModelConfig, params: dict, prompts, prompt_mask, *, rng: jax.
     raise ValueError(f"sample: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
   token_select.check_args(temperature, top_p, top_k)
   eos = tuple(int(i) for i in (config.eos_token_ids if eos_ids is None else eos_ids))
-  if len(eos) > _MAX_EOS or any(not 0 <= i < config.vocab_size for i in eos):
-    raise ValueError(f"sample: eos_ids must be at most {_MAX_EOS} ids in [0, "
+  if len(eos) > MAX_EOS or any(not 0 <= i < config.vocab_size for i in eos):
+    raise ValueError(f"sample: eos_ids must be at most {MAX_EOS} ids in [0, "
                      f"{config.vocab_size}), got {eos}")
   tokens_BxP, mask_BxP = _host_prompts(config, prompts, prompt_mask, max_new_tokens)
 
   b, p = tokens_BxP.shape
   multiple = 1 if mesh is None else sharding.batch_multiple(mesh)
-  bb, pb = _bucket(b, 1, multiple), _bucket(p, _MIN_PROMPT_BUCKET)
+  bb, pb = round_up_bucket(b, 1, multiple), round_up_bucket(p, MIN_PROMPT_BUCKET)
   # Padding rows are one-token prompts marked inactive (done from the start).
   tokens = np.zeros((bb, pb), np.int32)
   mask = np.zeros((bb, pb), np.int32)
   tokens[:b, :p], mask[:b, :p], mask[b:, 0] = tokens_BxP, mask_BxP, 1
   active = np.arange(bb) < b
-  eos_E = np.full((_MAX_EOS,), -1, np.int32)
+  eos_E = np.full((MAX_EOS,), -1, np.int32)
   eos_E[:len(eos)] = eos
   if mesh is not None:
     tokens, mask, active = sharding.shard_batch((tokens, mask, active), mesh)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -92,6 +93,21 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   except Exception:  # Fake CPU devices and odd shapes have no topology to exploit.
     grid = np.asarray(devices).reshape(sizes)
   return Mesh(grid, MESH_AXES)
+
+
+def tpu_topology_devices(topology: str) -> list:
+  """The devices of a TPU slice, e.g. "v5e:2x2", for ahead-of-time compiles on any machine.
+
+  Needs the `libtpu` package (the `tpu` extra) and touches no TPU: programs lowered with
+  abstract inputs placed on these devices compile with the TPU compiler itself. Lower them under
+  `jax.set_mesh` of a mesh of these devices: Pallas reads the TPU generation from it.
+  """
+  from jax.experimental import topologies
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # No cloud metadata lookups.
+  # libtpu takes a machine-wide lock for the TPU chips; a compile-only load needs none, and two
+  # processes compiling at once (xdist workers, a memory plan) would otherwise refuse each other.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
 
 
 def _axis_size(mesh: Mesh, axes) -> int:

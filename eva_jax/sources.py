@@ -24,12 +24,19 @@ import numpy as np
 from eva_jax import registry, synthetic
 
 
+# The `eva_jax.data.PromptExample` fields `data.topic_field` may name.
+TOPIC_FIELDS = ("source", "category", "cluster")
+
+
 class Prompt(NamedTuple):
   """One prompt. id: the dataset's own id (Arena-Hard `question_id`), None for synthetic
-  prompts; level: the synthetic difficulty level of a held-out prompt (0 elsewhere)."""
+  prompts; level: the synthetic difficulty level of a held-out prompt (0 elsewhere); topic: what
+  creator.selection "topic_weighted" balances (the synthetic task name, or a prompt file's
+  `data.topic_field`), None when the source has none."""
   text: str
   id: Optional[str] = None
   level: int = 0
+  topic: Optional[str] = None
 
 
 def prompts_per_iteration(data_cfg, creator_cfg) -> int:
@@ -59,13 +66,15 @@ class SyntheticSource:
     self.heldout_per_level = data_cfg.heldout_per_level
 
   def base_prompts(self, iteration: int) -> list[Prompt]:
-    return [Prompt(p) for p in synthetic.base_prompts(self.count, self.seed * 1000 + iteration,
-                                                      max_level=self.max_level)]
+    texts = synthetic.base_prompts(self.count, self.seed * 1000 + iteration,
+                                   max_level=self.max_level)
+    return [Prompt(p, topic=synthetic.parse_prompt(p)[0].name) for p in texts]
 
   def heldout(self) -> list[Prompt]:
     # Disjoint from every training prompt by synthetic's hash partition.
-    return [Prompt(p, None, level)
-            for p, level, _ in synthetic.heldout_set(self.seed + 10_000, self.heldout_per_level)]
+    return [Prompt(p, None, level, task)
+            for p, level, task in synthetic.heldout_set(self.seed + 10_000,
+                                                        self.heldout_per_level)]
 
   def sft_examples(self, num: int, max_level: int) -> list[tuple[str, str]]:
     return synthetic.sft_examples(num, self.seed, max_level=max_level)
@@ -77,12 +86,13 @@ class SyntheticSource:
 
 class DatasetSource:
   """A fixed prompt set, shuffled once with the seed: the held-out prompts are its last
-  `heldout_count` prompts in that order, iteration t's base prompts the t-th chunk of the rest."""
+  `heldout_count` prompts in that order, iteration t's base prompts the t-th chunk of the rest.
+  Each prompt's topic is its example's `topic_field` (one of TOPIC_FIELDS; "" = no topics)."""
 
   checker = None
 
   def __init__(self, name: str, examples, *, seed: int, heldout_count: int, count: int,
-               iterations: int, where: str):
+               iterations: int, where: str, topic_field: str = ""):
     self.name = name
     total = len(examples)
     needed = heldout_count + iterations * count
@@ -91,8 +101,15 @@ class DatasetSource:
           f"{where}: has {total} prompts, but {heldout_count} held-out (data.heldout_per_level) "
           f"+ {iterations} iterations x {count} prompts per iteration need {needed}; use a "
           "larger prompt set or fewer iterations / prompts")
+    if topic_field and topic_field not in TOPIC_FIELDS:
+      raise ValueError(f"data.topic_field: {topic_field!r} is not a prompt field; expected one "
+                       f"of {TOPIC_FIELDS} or '' (no topics)")
+    # A row without the field ("" category) has no topic; a set where no row has one is an error.
+    topics = [(getattr(e, topic_field) or None) if topic_field else None for e in examples]
+    if topic_field and not any(topics):
+      raise ValueError(f"{where}: no prompt has a {topic_field!r} (data.topic_field)")
     order = np.random.default_rng([seed, 0]).permutation(total)
-    ordered = [Prompt(examples[i].text, examples[i].id) for i in order]
+    ordered = [Prompt(examples[i].text, examples[i].id, topic=topics[i]) for i in order]
     self._train, self._heldout = ordered[:total - heldout_count], ordered[total - heldout_count:]
     self.count = count
 
@@ -125,7 +142,8 @@ def jsonl_source(data_cfg, *, seed: int, count: int, iterations: int) -> Dataset
   """Prompts from a file (`data.path`: .jsonl, .json, .txt or .parquet)."""
   return DatasetSource("jsonl", _load(data_cfg.path), seed=seed,
                        heldout_count=data_cfg.heldout_per_level, count=count,
-                       iterations=iterations, where=f"data.path: prompt file {data_cfg.path!r}")
+                       iterations=iterations, where=f"data.path: prompt file {data_cfg.path!r}",
+                       topic_field=data_cfg.topic_field)
 
 
 @SOURCES.register("tfds")
@@ -134,7 +152,8 @@ def tfds_source(data_cfg, *, seed: int, count: int, iterations: int) -> DatasetS
   `data.data_dir` (tfds' default folder when empty); see `eva_jax.data.prepare_prompt_set`."""
   return DatasetSource("tfds", _load(data_cfg.path, data_cfg.data_dir or None), seed=seed,
                        heldout_count=data_cfg.heldout_per_level, count=count,
-                       iterations=iterations, where=f"data.path: prompt set {data_cfg.path!r}")
+                       iterations=iterations, where=f"data.path: prompt set {data_cfg.path!r}",
+                       topic_field=data_cfg.topic_field)
 
 
 def make(config):

@@ -23,7 +23,8 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from eva_jax import creator, logprobs, losses, reward, sampling, sharding, train, train_state
+from eva_jax import continuous, creator, logprobs, losses, reward, sampling, sharding, train
+from eva_jax import train_state
 from eva_jax import workdir as wd
 from eva_jax.buffer import PromptBuffer
 
@@ -96,16 +97,24 @@ def generate(policy: Policy, prompts: Sequence[str], *, key, sampling_cfg,
   """N responses per prompt -> {tokens [P, N, T], lengths [P, N], finished [P, N], texts}.
 
   Chunks of sampling_cfg.batch_size prompts (they bound the KV cache and the compiles); the
-  chunk at prompt `start` samples with fold_in(key, start).
+  chunk at prompt `start` samples with fold_in(key, start). With sampling_cfg.continuous (absent
+  = False), one pool of batch_size x num_samples slots instead (`eva_jax.continuous`).
   """
   s, tok = sampling_cfg, policy.tokenizer
+  ids = prompt_ids(tok, prompts, s.max_prompt_length)
+  kw = dict(num_samples=s.num_samples, max_new_tokens=s.max_new_tokens, pad_id=tok.pad_id,
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, eos_ids=tok.eos_ids,
+            greedy=s.temperature == 0, mesh=policy.mesh, rules=policy.rules)
   with progress(desc, len(prompts), "prompt") as bar:
-    out = sampling.sample_batched(
-        policy.model_config, policy.params, prompt_ids(tok, prompts, s.max_prompt_length),
-        rng=key, batch_size=s.batch_size, num_samples=s.num_samples,
-        max_new_tokens=s.max_new_tokens, pad_id=tok.pad_id, temperature=s.temperature,
-        top_p=s.top_p, top_k=s.top_k, eos_ids=tok.eos_ids, greedy=s.temperature == 0,
-        mesh=policy.mesh, rules=policy.rules, on_chunk=bar.update)
+    if getattr(s, "continuous", False):
+      # The fixed chunks' KV-cache rows as one pool of slots, refilled as rows end; row (p, n)
+      # draws with fold_in(fold_in(key, p), n), whatever the pool size.
+      out = continuous.sample_continuous(
+          policy.model_config, policy.params, ids, rng=key,
+          slots=s.batch_size * s.num_samples, on_prompt=bar.update, **kw)
+    else:
+      out = sampling.sample_batched(policy.model_config, policy.params, ids, rng=key,
+                                    batch_size=s.batch_size, on_chunk=bar.update, **kw)
   wd.kill_point("sampling")
   texts = [[tok.decode(out.tokens[p, n, :out.lengths[p, n]]) for n in range(s.num_samples)]
            for p in range(len(prompts))]
@@ -138,22 +147,32 @@ def score(scorer, prompts: Sequence[str], gen: dict, *, progress=no_progress,
 def create(buffer: PromptBuffer, prompts: Sequence[str], rewards_PxN: np.ndarray,
            informativeness_P: np.ndarray, *, iteration: int, creator_cfg, evolver, rng,
            token_count: Callable[[str], int],
-           dataset_ids: Optional[Sequence[Optional[str]]] = None) -> tuple[PromptBuffer, dict]:
+           dataset_ids: Optional[Sequence[Optional[str]]] = None,
+           topics: Optional[Sequence[Optional[str]]] = None) -> tuple[PromptBuffer, dict]:
   """The creator step: add this iteration's prompts (with their scores) to a copy of `buffer`,
   select by informativeness, evolve and filter the selected ones.
 
   rng: a numpy Generator, drawn first by the selection, then by the evolver.
   dataset_ids: the dataset's id of each prompt (kept in the record's `extra`), or None.
+  topics: each prompt's topic (`sources.Prompt.topic`, kept in the record's `extra`), or None;
+    creator_cfg.selection "topic_weighted" needs them (with creator_cfg.topic_coef).
   Returns (the new buffer, {"selected", "informativeness", "evolved", "methods", "parents"
   (the parent text of each evolved prompt), "rejected" ({filter reason: count})}).
   """
+  if creator_cfg.selection in creator.TOPIC_METHODS and (topics is None
+                                                         or all(t is None for t in topics)):
+    raise ValueError(f"creator.selection {creator_cfg.selection!r} needs each prompt's topic, "
+                     "and these prompts have none: set data.topic_field (jsonl / tfds prompts) "
+                     "or pick another creator.selection")
   buffer = PromptBuffer(list(buffer))
+  none = [None] * len(prompts)
   ids = [buffer.add(p, iteration=iteration,
-                    extra={"dataset_id": d} if d is not None else None).id
-         for p, d in zip(prompts, dataset_ids or [None] * len(prompts))]
+                    extra={k: v for k, v in (("dataset_id", d), ("topic", t)) if v is not None}).id
+         for p, d, t in zip(prompts, dataset_ids or none, topics or none)]
   buffer.record_scores(ids, rewards_PxN, informativeness_P)
   chosen = creator.select(informativeness_P, fraction=creator_cfg.fraction,
-                          method=creator_cfg.selection, rng=rng)
+                          method=creator_cfg.selection, rng=rng, topics=topics,
+                          topic_coef=creator_cfg.topic_coef)
   rejected: dict[str, int] = {}
   records = creator.evolve_round(
       buffer, [ids[i] for i in chosen], evolver, rng=rng, iteration=iteration,
@@ -200,15 +219,22 @@ def best_worst_pairs(prompts: Sequence[str], gen: dict, rewards_PxN: np.ndarray,
 
 def mix(base_pairs: list[dict], evolved_pairs: list[dict], rng, *, creator_cfg,
         num_pairs: int) -> list[dict]:
-  """eva: base/evolved mixed by creator_cfg.base_ratio; static (creator off) or no evolved
-  pairs: the base pairs, shuffled. Both capped at num_pairs, so eva and static train on the
-  same budget."""
+  """eva: base/evolved mixed by creator_cfg.base_ratio (with creator_cfg.top_up, then topped
+  up with more base pairs to num_pairs); static (creator off) or no evolved pairs: the base
+  pairs, shuffled. Both capped at num_pairs, so eva and static train on the same budget."""
   # No evolved pairs (every evolved prompt's responses tied, or scored below the floor): the
   # same shuffle as mix_pairs would draw, without its warning; the runner's pairs line shows
   # the count.
   if creator_cfg.enabled and evolved_pairs:
     mixed = creator.mix_pairs(base_pairs, evolved_pairs, base_ratio=creator_cfg.base_ratio,
                               rng=rng)
+    if creator_cfg.top_up and len(mixed) < num_pairs:
+      # Too few evolved pairs for num_pairs at base_ratio: fill the budget with base pairs
+      # the mix left out, so eva trains on as many pairs (and updates) as static.
+      used = {id(p) for p in mixed}
+      rest = [p for p in base_pairs if id(p) not in used]
+      mixed += [rest[i] for i in rng.permutation(len(rest))[:num_pairs - len(mixed)]]
+      mixed = [mixed[i] for i in rng.permutation(len(mixed))]
   else:
     mixed = [base_pairs[i] for i in rng.permutation(len(base_pairs))]
   return mixed[:num_pairs]
@@ -388,7 +414,8 @@ def evaluate(policy: Policy, scorer, heldout: Sequence, *, key, sampling_cfg,
   settings = types.SimpleNamespace(
       max_prompt_length=sampling_cfg.max_prompt_length, batch_size=sampling_cfg.batch_size,
       top_p=sampling_cfg.top_p, top_k=sampling_cfg.top_k, num_samples=1,
-      temperature=eval_cfg.temperature, max_new_tokens=eval_cfg.max_new_tokens)
+      temperature=eval_cfg.temperature, max_new_tokens=eval_cfg.max_new_tokens,
+      continuous=getattr(sampling_cfg, "continuous", False))
   prompts = [h.text for h in heldout]
   gen = generate(policy, prompts, key=key, sampling_cfg=settings, progress=progress,
                  desc="evaluate")

@@ -265,17 +265,23 @@ class Checkpoints:
   refused with one error naming its folder (CorruptArtifact).
   """
 
-  def __init__(self, workdir: str, *, keep: int = 2, use_async: bool = False):
+  def __init__(self, workdir: str, *, keep: int = 2, use_async: bool = False,
+               read_only: bool = False):
     # cleanup_tmp_directories: a step a killed run left half-written (a temp folder locally, a
     # folder without commit_success.txt on gs://) is removed at start, then written again.
-    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=use_async,
-                                           cleanup_tmp_directories=True)
+    # read_only (a reader beside a live run, e.g. eva_jax.answer; it must not call save): no
+    # cleanup, no pruning, no folder created, so the run's step in flight is left alone.
+    # (Orbax's own read_only option warns on every start.)
+    options = ocp.CheckpointManagerOptions(create=not read_only,
+                                           enable_async_checkpointing=use_async,
+                                           cleanup_tmp_directories=not read_only)
     # An epath, not a string: Orbax then writes gs:// workdirs (array data through
     # TensorStore's gcs driver) as well as local ones.
     self.directory = fileio.absolute(workdir) / "checkpoints"
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._keep = keep
-    self._prune()
+    if not read_only:
+      self._prune()
 
   def latest(self) -> Optional[int]:
     return self.manager.latest_step()

@@ -1,14 +1,14 @@
-"""The ablations of issue 8 over seeds at equal budget, then a table and a plot of the results.
+"""The ablations of issues 8 and 16 over seeds, then a table and a plot of the results.
 
   python experiments/ablations.py --workdir_root=/tmp/eva_ablations
   python experiments/ablations.py --workdir_root=/tmp/eva_ablations --names=metric --dry_run
   python experiments/ablations.py --workdir_root=/tmp/eva_ablations --summarize_only
 
-Runs the sweeps of configs/ablations.py (eva_vs_static, metric, selection; see there) through
-experiments/sweep.py, one run after another, each in <workdir_root>/<run name>; a run shared by
-several sweeps (the default variant) runs once. Then reads every run's held-out evaluations
-(iter_000/evaluate_warmstart.json, iter_<t>/evaluate.json), its pairs and its update steps, and
-writes into workdir_root:
+Runs the sweeps of configs/ablations.py (eva_vs_static, metric, selection, subset; see there)
+through experiments/sweep.py, one run after another, each in <workdir_root>/<run name>; a run
+shared by several sweeps (the default variant) runs once. Then reads every run's held-out
+evaluations (iter_000/evaluate_warmstart.json, iter_<t>/evaluate.json), its pairs and its update
+steps, and writes into workdir_root:
   ablations.md    per sweep and variant: mean ± std over seeds of the final held-out reward,
                   its gain over the warm-start, the win rate against the warm-start, and the
                   budget actually trained (pairs per iteration, update steps)
@@ -35,7 +35,7 @@ if _ROOT not in sys.path:
 from experiments import sweep  # noqa: E402
 
 CONFIG = os.path.join(sweep.ROOT, "configs", "ablations.py")
-NAMES = ("eva_vs_static", "metric", "selection")
+NAMES = tuple(sweep.load_config_module(CONFIG).ABLATIONS)
 
 
 def _read(path: str):
@@ -84,7 +84,9 @@ def summarize(workdir_root: str, names: Sequence[str] = NAMES) -> dict:
 
 
 def _varied_field(runs: Sequence[sweep.SweepRun]) -> str:
-  fields = {k for run in runs for k in run.overrides if k != "seed"}
+  # A field every run overrides to the same value (a sweep's FIXED override) does not vary.
+  fields = {k for run in runs for k in run.overrides if k != "seed"
+            if len({str(_get(r.config, k)) for r in runs}) > 1}
   if len(fields) != 1:
     raise ValueError(f"an ablation sweep varies one field besides the seed, got {sorted(fields)}")
   return fields.pop()

@@ -11,7 +11,10 @@ nothing is allocated), the device programs of a real run of configs/paper.py:
   (what `sampling.sample` runs) for a chunk of prompts x N = 6 samples, 1024 prompt tokens and
   2048 new tokens (sampling.batch_size prompts per call);
 - score: the reward model's jitted forward (`reward._jitted_forward`), Skywork-Reward-Gemma-2-27B
-  in bfloat16 on 4096-token rows.
+  in bfloat16 on 4096-token rows;
+- online (configs/online.py:paper): the jitted RLOO update of `eva_jax.online.make_rloo_step`
+  (`online.rloo_step`, the same shardings and donation) on P·K rollout rows of 1024 prompt +
+  2048 response tokens, and the sampling programs at K = 4 samples per prompt.
 
 For each it reads `compiled.memory_analysis()` of the per-device SPMD program: argument,
 output, alias (outputs reusing a donated argument) and temporary bytes, and
@@ -31,7 +34,7 @@ Two backends:
   backend converts bf16 dots and dynamic-slices to float32 (bf16 arrays gain f32 copies, e.g.
   the whole KV cache in the decode loop) and schedules for one core. Pessimistic for bf16.
 The log-prob kernel is the chunked walk on both ("auto" picks by the *runtime* backend, which
-is CPU here; on a TPU the Pallas forward runs instead, same backward walk).
+is CPU here; on a TPU the Pallas forward and backward kernels run instead).
 
   python experiments/memory_plan.py [--backend=tpu|cpu] [workload names...]
   PYTHONPATH=<dir with libtpu> python experiments/memory_plan.py --backend=tpu
@@ -59,7 +62,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from eva_jax import models, reward, sampling, sharding, train, train_state  # noqa: E402
+from eva_jax import models, online, reward, sampling, sharding, train, train_state  # noqa: E402
 from eva_jax.logprobs import PAIR_KEYS, REFERENCE_KEYS  # noqa: E402
 
 GIB = 2**30
@@ -152,6 +155,41 @@ def compile_train_step(config: models.ModelConfig, mesh, *, loss: str = "dpo", b
     return jitted.lower(state, batch, num_targets or seq_len - 1).compile()
 
 
+def abstract_rollout_batch(mesh, rows: int, prompt_len: int, new_tokens: int) -> dict:
+  """An on-policy rollout batch (eva_jax.online layout, with the KL column the online loop adds),
+  rows over data+fsdp."""
+  sh = NamedSharding(mesh, P(sharding.BATCH_AXES))
+  widths = {"prompt_tokens": prompt_len, "prompt_mask": prompt_len, "response_tokens": new_tokens}
+  return {key: jax.ShapeDtypeStruct(
+      (rows, widths[key]) if key in widths else (rows,),
+      jnp.int32 if key in widths or key == "response_lengths" else jnp.float32, sharding=sh)
+          for key in online.STEP_KEYS + ("kl",)}
+
+
+def compile_rloo_step(config: models.ModelConfig, mesh, *, rows: int, prompt_len: int,
+                      new_tokens: int, accum_steps: int = 1, num_targets: Optional[int] = None,
+                      impl: str = "chunked"):
+  """Compiles the jitted update of `online.make_rloo_step` (on-policy: no clipping) for abstract
+  inputs, rebuilt here as compile_train_step rebuilds the preference update; num_targets (the
+  LM-head gather width) defaults to the worst case, new_tokens."""
+  opt_cfg = train_state.OptimizerConfig(name="adamw", total_steps=1000)
+  optimizer = train_state.make_optimizer(opt_cfg)
+  schedule = train_state.make_schedule(opt_cfg)
+  state_sh = train_state.state_shardings(config, optimizer, mesh)
+
+  def update(state, batch, num_targets):
+    return online.rloo_step(config, optimizer, state, batch, accum_steps=accum_steps, impl=impl,
+                            num_targets=num_targets, schedule=schedule)
+
+  jitted = jax.jit(update, static_argnums=(2,),
+                   in_shardings=(state_sh, NamedSharding(mesh, P(sharding.BATCH_AXES))),
+                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+  state = abstract_train_state(config, optimizer, mesh)
+  batch = abstract_rollout_batch(mesh, rows, prompt_len, new_tokens)
+  with sharding.activation_rules(mesh):
+    return jitted.lower(state, batch, num_targets or new_tokens).compile()
+
+
 def compile_sampling(config: models.ModelConfig, mesh, *, num_prompts: int, prompt_len: int,
                      num_samples: int, max_new_tokens: int, top_k: int = 0,
                      nucleus: bool = True):
@@ -165,7 +203,7 @@ def compile_sampling(config: models.ModelConfig, mesh, *, num_prompts: int, prom
                                 sharding=sharding.batch_sharding(mesh, 1))
   replicated = sharding.replicated(mesh)
   scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
-  eos = jax.ShapeDtypeStruct((sampling._MAX_EOS,), jnp.int32, sharding=replicated)
+  eos = jax.ShapeDtypeStruct((sampling.MAX_EOS,), jnp.int32, sharding=replicated)
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                              sharding=replicated)
   with sharding.activation_rules(mesh):
@@ -198,15 +236,19 @@ def compile_reward_forward(config: models.ModelConfig, mesh, *, batch: int, leng
 @dataclasses.dataclass(frozen=True)
 class Workload:
   """One row. mesh = (data, fsdp, tensor). train: `batch` pairs per update in `accum`
-  micro-batches; sample: `batch` prompts x 6 samples per call; score: `batch` rows."""
+  micro-batches; rloo: `batch` rollout rows per update in `accum` micro-batches; sample: `batch`
+  prompts x `samples` per call; score: `batch` rows. `loop` (offline / online) sets what else
+  stays on the device (`resident_bytes`)."""
   name: str
-  kind: str              # "train", "sample" or "score"
+  kind: str              # "train", "rloo", "sample" or "score"
   slice_name: str        # a key of SLICES
   mesh: tuple[int, int, int]
   batch: int = 64
   accum: int = 1
   param_dtype: str = "float32"
   remat: str = "full"
+  samples: int = NUM_SAMPLES  # sample: samples per prompt (offline N = 6, online K = 4).
+  loop: str = "offline"
 
 
 def paper_policy(param_dtype: str = "float32", remat: str = "full") -> models.ModelConfig:
@@ -233,6 +275,15 @@ PLAN = (
     Workload("sample_v5p8", "sample", "v5p-8", (1, 4, 1)),
     Workload("sample_v5p8_chunk16", "sample", "v5p-8", (1, 4, 1), batch=16),
     Workload("score_v5p8", "score", "v5p-8", (1, 4, 1), batch=16),
+    # Online RLOO (configs/online.py:paper): P = 32 prompts x K = 4 per step, 128 rows of
+    # 1024 + 2048 tokens, 1 row per chip per micro-batch; sampling in chunks of 16 prompts x 4.
+    Workload("rloo_v5p8_mb1", "rloo", "v5p-8", (1, 4, 1), batch=128, accum=32, loop="online"),
+    Workload("sample_v5p8_online", "sample", "v5p-8", (1, 4, 1), batch=16, samples=4,
+             loop="online"),
+    Workload("rloo_v5e64_mb1", "rloo", "v5e-64", (1, 64, 1), batch=128, accum=2, loop="online"),
+    # One call of P = 32 prompts, padded to the 64 of the mesh: 1 prompt x 4 per chip.
+    Workload("sample_v5e64_online", "sample", "v5e-64", (1, 64, 1), batch=64, samples=4,
+             loop="online"),
 )
 
 
@@ -243,17 +294,23 @@ def resident_bytes(w: Workload, mesh) -> int:
   restored params θ_t (copied into the train state, not donated) and the reward model. So:
   train +2 policy copies + reward model; sample +1 policy copy + reward model; score +2
   policy copies.
+
+  The online loop (eva_jax/online_loop.py) holds the train state for the whole run, the frozen
+  reference θ_0 and the reward model: rloo (the state is its argument) +1 policy copy (θ_0) +
+  reward model; sample (the params are its argument) + θ_0 + the AdamW moments (two float32
+  copies of the params) + reward model.
   """
   policy = params_bytes_per_device(paper_policy(w.param_dtype, w.remat), mesh)
   rm = params_bytes_per_device(REWARD_MODEL, mesh)
+  if w.loop == "online":
+    moments = 2 * params_bytes_per_device(paper_policy("float32"), mesh)
+    return {"rloo": policy + rm, "sample": policy + moments + rm}[w.kind]
   return {"train": 2 * policy + rm, "sample": policy + rm, "score": 2 * policy}[w.kind]
 
 
 def devices_for(slice_name: str, backend: str) -> list:
   if backend == "tpu":
-    from jax.experimental import topologies
-    return list(topologies.get_topology_desc(topology_name=SLICES[slice_name][1],
-                                             platform="tpu").devices)
+    return sharding.tpu_topology_devices(SLICES[slice_name][1])
   return jax.devices()
 
 
@@ -288,18 +345,23 @@ def _run_workload(w: Workload, backend: str) -> dict:
   row = {"name": w.name, "kind": w.kind, "slice": w.slice_name, "backend": backend,
          "devices": n, "mesh": dict(zip(sharding.MESH_AXES, w.mesh)),
          "param_dtype": REWARD_MODEL.param_dtype if w.kind == "score" else w.param_dtype,
-         "remat": w.remat if w.kind == "train" else "-"}
+         "remat": w.remat if w.kind in ("train", "rloo") else "-"}
   per_device = w.batch // sharding.batch_multiple(mesh)
   if w.kind == "train":
     compiled = compile_train_step(paper_policy(w.param_dtype, w.remat), mesh, num_pairs=w.batch,
                                   seq_len=SEQ_LEN, accum_steps=w.accum)
     row.update(batch=f"{per_device // w.accum} pairs x {w.accum}", **memory_of(compiled))
+  elif w.kind == "rloo":
+    compiled = compile_rloo_step(paper_policy(w.param_dtype, w.remat), mesh, rows=w.batch,
+                                 prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
+                                 accum_steps=w.accum)
+    row.update(batch=f"{per_device // w.accum} rows x {w.accum}", **memory_of(compiled))
   elif w.kind == "sample":
     prefill, decode = compile_sampling(paper_policy(w.param_dtype), mesh, num_prompts=w.batch,
-                                       prompt_len=PROMPT_LEN, num_samples=NUM_SAMPLES,
+                                       prompt_len=PROMPT_LEN, num_samples=w.samples,
                                        max_new_tokens=NEW_TOKENS)
     pre = memory_of(prefill)
-    row.update(batch=f"{per_device} prompts x {NUM_SAMPLES}", prefill_step=pre["step"],
+    row.update(batch=f"{per_device} prompts x {w.samples}", prefill_step=pre["step"],
                **memory_of(decode))
     # The prefill's output cache is the decode's donated input: the peak is the larger step.
     row["step"] = max(pre["step"], row["step"])

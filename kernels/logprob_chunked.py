@@ -3,7 +3,8 @@
 Never holds the [N, V] logits: the forward keeps an online log-sum-exp over vocabulary blocks,
 and the custom VJP recomputes each block of logits to accumulate d_hidden and d_w_out. The
 block-level math here (softcap, block statistics, their merge, the gradient of a logits block)
-is shared with the Pallas kernel in `logprob_pallas.py`.
+is shared with the Pallas kernels in `logprob_pallas.py`, whose backward falls back to this
+walk on GPU.
 
 Peak temporary memory is O(N * block_v) instead of O(N * V).
 """
@@ -74,22 +75,24 @@ def apply_softcap(logits, softcap):
   return softcap * jnp.tanh(logits / softcap)
 
 
-def block_stats(logits_NxB, valid_NxB):
+def block_stats(logits, valid, axis=1):
   """Log-sum-exp statistics of one block of logits, relative to the block's row max.
 
-  Returns (max_N, sumexp_N, shifted_N) with sumexp = sum exp(z - max) and
-  shifted = sum exp(z - max) * (z - max), summed over valid columns only. Keeping the
-  entropy moment relative to the max avoids cancellation in lse - E[z] for large logits.
-  `valid_NxB` may be None (every column valid); invalid columns must hold -inf.
+  `axis` is the vocabulary axis of the block: 1 for [N, B] blocks (this walk), 0 for the
+  Pallas kernel's [B, N] tiles. Returns per-row (max, sumexp, shifted) with
+  sumexp = sum exp(z - max) and shifted = sum exp(z - max) * (z - max), summed over valid
+  columns only. Keeping the entropy moment relative to the max avoids cancellation in
+  lse - E[z] for large logits. `valid` may be None (every column valid); invalid columns must
+  hold -inf.
   """
-  max_N = jnp.max(logits_NxB, axis=1)
-  centred_NxB = logits_NxB - max_N[:, None]
-  p_NxB = jnp.exp(centred_NxB)
-  moment_NxB = p_NxB * centred_NxB
-  if valid_NxB is not None:
+  max_keep = jnp.max(logits, axis=axis, keepdims=True)
+  centred = logits - max_keep
+  p = jnp.exp(centred)
+  moment = p * centred
+  if valid is not None:
     # -inf columns give exp = 0 but 0 * -inf = nan in the moment.
-    moment_NxB = jnp.where(valid_NxB, moment_NxB, 0.0)
-  return max_N, jnp.sum(p_NxB, axis=1), jnp.sum(moment_NxB, axis=1)
+    moment = jnp.where(valid, moment, 0.0)
+  return jnp.squeeze(max_keep, axis), jnp.sum(p, axis=axis), jnp.sum(moment, axis=axis)
 
 
 def merge_stats(max_KxN, sumexp_KxN, shifted_KxN):
@@ -108,23 +111,25 @@ def finish_stats(max_N, sumexp_N, shifted_N):
   return max_N + log_sumexp_N, log_sumexp_N - shifted_N / sumexp_N
 
 
-def logits_block_grad(capped_NxB, is_target_NxB, valid_NxB, lse_N, entropy_N, g_logprob_N,
-                      g_entropy_N, softcap):
-  """Cotangent of the pre-softcap logits of one block.
+def logits_block_grad(capped, is_target, valid, lse_N, entropy_N, g_logprob_N, g_entropy_N,
+                      softcap, axis=1):
+  """Cotangent of the pre-softcap logits of one block (vocabulary along `axis`, as in
+  block_stats); the [N] row vectors are broadcast along it.
 
   d logp_t / d z_k = [k == t] - p_k and d H / d z_k = -p_k (log p_k + H), then the softcap chain
   rule d z / d a = 1 - (z / softcap)^2. `g_entropy_N` may be None (entropy unused).
   """
-  logp_NxB = capped_NxB - lse_N[:, None]
-  p_NxB = jnp.exp(logp_NxB)
-  g_NxB = g_logprob_N[:, None] * (is_target_NxB.astype(jnp.float32) - p_NxB)
+  row = lambda x_N: jnp.expand_dims(x_N, axis)  # noqa: E731
+  logp = capped - row(lse_N)
+  p = jnp.exp(logp)
+  g = row(g_logprob_N) * (is_target.astype(jnp.float32) - p)
   if g_entropy_N is not None:
-    g_NxB = g_NxB - g_entropy_N[:, None] * p_NxB * (logp_NxB + entropy_N[:, None])
+    g = g - row(g_entropy_N) * p * (logp + row(entropy_N))
   if softcap is not None:
-    g_NxB = g_NxB * (1.0 - jnp.square(capped_NxB / softcap))
-  if valid_NxB is not None:
-    g_NxB = jnp.where(valid_NxB, g_NxB, 0.0)
-  return g_NxB
+    g = g * (1.0 - jnp.square(capped / softcap))
+  if valid is not None:
+    g = jnp.where(valid, g, 0.0)
+  return g
 
 
 def _vocab_block(w_out_DxV, j, block_v):
@@ -178,7 +183,7 @@ def chunked_backward(hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N, g_logpr
   Only one [N, block_v] block of logits and its cotangent is live at a time; d_hidden is
   accumulated in float32, each d_w_out column block is written once. hidden and w_out must share
   a dtype; the block cotangent is cast to it for the two matmuls (float32 accumulation).
-  `g_entropy_N` may be None. Used by both the chunked and the Pallas implementation.
+  `g_entropy_N` may be None. The chunked implementation's backward, and the Pallas one's on GPU.
   """
   if hidden_NxD.dtype != w_out_DxV.dtype:
     raise TypeError(f"hidden ({hidden_NxD.dtype}) and w_out ({w_out_DxV.dtype}) must share a dtype")
@@ -210,12 +215,13 @@ def chunked_backward(hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N, g_logpr
   return d_hidden_NxD, d_w_DxV
 
 
-def with_blockwise_vjp(forward, backward_block_v):
+def with_blockwise_vjp(forward, backward):
   """f(hidden, w_out, targets, spec) -> (logprob [N], entropy [N]) with a custom VJP.
 
-  `forward(hidden, w_out, targets, spec)` returns (logprob, entropy, lse); the backward is
-  `chunked_backward`, walking `backward_block_v(spec)` vocabulary columns at a time. Both the
-  chunked walk and the Pallas kernel use it, so their gradients are one code path.
+  `forward(hidden, w_out, targets, spec)` returns (logprob, entropy, lse); lse and entropy are
+  the residuals (with the inputs) from which `backward(hidden, w_out, targets, lse, entropy,
+  g_logprob, g_entropy, spec)` recomputes the logits block by block and returns
+  (d_hidden, d_w_out). g_entropy is None when spec.with_entropy_grad is False.
   """
   @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
   def fn(hidden_NxD, w_out_DxV, targets_N, spec):
@@ -229,17 +235,22 @@ def with_blockwise_vjp(forward, backward_block_v):
   def bwd(spec, residuals, cotangents):
     hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N = residuals
     g_logprob_N, g_entropy_N = cotangents
-    d_hidden_NxD, d_w_DxV = chunked_backward(
-        hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N, g_logprob_N,
-        g_entropy_N if spec.with_entropy_grad else None,
-        softcap=spec.softcap, block_v=backward_block_v(spec))
-    return d_hidden_NxD.astype(hidden_NxD.dtype), d_w_DxV, None
+    d_hidden_NxD, d_w_DxV = backward(
+        hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N, g_logprob_N.astype(jnp.float32),
+        g_entropy_N.astype(jnp.float32) if spec.with_entropy_grad else None, spec)
+    return d_hidden_NxD.astype(hidden_NxD.dtype), d_w_DxV.astype(w_out_DxV.dtype), None
 
   fn.defvjp(fwd, bwd)
   return fn
 
 
-_chunked = with_blockwise_vjp(_chunked_forward, lambda spec: spec.block_v)
+def _chunked_backward(hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N, g_logprob_N,
+                      g_entropy_N, spec):
+  return chunked_backward(hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N, g_logprob_N,
+                          g_entropy_N, softcap=spec.softcap, block_v=spec.block_v)
+
+
+_chunked = with_blockwise_vjp(_chunked_forward, _chunked_backward)
 
 
 def chunked_target_logprobs(hidden_NxD, w_out_DxV, targets_N, *, softcap=None,

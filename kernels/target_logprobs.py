@@ -5,8 +5,8 @@
 - "reference": `reference_target_logprobs`, plain jnp that materialises the [N, V] logits;
 - "chunked":   `chunked_target_logprobs`, pure JAX walking the vocabulary in blocks
                (logprob_chunked.py);
-- "pallas":    `pallas_target_logprobs`, a fused Pallas forward kernel with a blockwise
-               backward (logprob_pallas.py).
+- "pallas":    `pallas_target_logprobs`, fused Pallas kernels, forward and backward
+               (logprob_pallas.py; on GPU the backward is the chunked walk).
 
 All compute logits = hidden @ w_out with float32 accumulation, the optional Gemma 2 soft-cap
 softcap * tanh(logits / softcap), log_softmax over the vocabulary, and the target's entry.

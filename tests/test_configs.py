@@ -100,6 +100,13 @@ def test_shared_paper_settings():
     assert c.creator.base_ratio == 0.2
     assert c.train.min_chosen_reward == float("-inf")  # No floor on the chosen reward.
     assert c.model.param_dtype == "float32" and c.model.dtype == "bfloat16"
+    assert c.protocol == "paper" and c.iterations == 2  # θ0 → θ1 on X1, then X̃1 or X2.
+
+
+def test_split_by_3_runs_three_iterations_of_the_paper_protocol():
+  c = paper.get_config("dpo,eva,split3")
+  assert c.protocol == "paper" and c.iterations == 3
+  assert paper.get_config("dpo,static,v5e-64,split3").iterations == 3
 
 
 # (beta, hparams, optimizer, learning rate, epochs, pairs per update), typed in by hand.
@@ -347,3 +354,34 @@ def test_authors_model_recipes(model, folders):
 def test_model_recipe_bad_args_raise(arg, match):
   with pytest.raises(ValueError, match=match):
     paper.get_config(arg)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("creator.topic_coef", 1.5, r"creator.topic_coef: must lie in \[0, 1\], got 1.5"),
+    ("creator.topic_coef", -0.1, r"creator.topic_coef: must lie in \[0, 1\], got -0.1"),
+    ("data.topic_field", "topic",
+     "data.topic_field: 'topic' is not one of '', 'source', 'category', 'cluster'"),
+])
+def test_topic_fields_are_checked(field, value, match):
+  c = default.get_config("smoke")
+  section, key = field.split(".")
+  c[section][key] = value
+  with pytest.raises(ValueError, match=match):
+    config_check.validate(c)
+
+
+def test_topic_weighted_on_a_prompt_file_needs_a_topic_field(tmp_path):
+  path = tmp_path / "prompts.jsonl"
+  path.write_text(json.dumps({"prompt": "hi", "source": "s"}) + "\n")
+  c = default.get_config("smoke")
+  c.data.source, c.data.path, c.reward.kind = "jsonl", str(path), "judge"
+  c.reward.path, c.creator.evolver = str(tmp_path), "lm"
+  c.creator.selection = "topic_weighted"
+  with pytest.raises(ValueError, match="creator.selection: 'topic_weighted' needs each prompt's "
+                     "topic: set data.topic_field"):
+    config_check.validate(c)
+  c.data.topic_field = "source"
+  config_check.validate(c)
+  c = default.get_config("smoke")
+  c.creator.selection = "topic_weighted"  # Synthetic prompts carry their task names.
+  config_check.validate(c)

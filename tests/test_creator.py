@@ -12,6 +12,7 @@ import pytest
 
 from eva_jax import creator
 from eva_jax import filters
+from eva_jax import templates
 from eva_jax.buffer import PromptBuffer, PromptRecord, reward_summary
 from tests import shared_data
 
@@ -136,10 +137,12 @@ def test_weighted_matches_exact_inclusion_probabilities(scores, fraction):
 @pytest.mark.parametrize("method", creator.SELECTION_METHODS)
 def test_selection_deterministic_sorted_distinct(method):
   scores = np.random.default_rng(0).normal(size=60)
-  picks = [creator.select(scores, fraction=0.25, method=method, rng=seed) for seed in range(6)]
+  topics = [f"topic {i % 4}" for i in range(60)]  # Only topic_weighted reads them.
+  picks = [creator.select(scores, fraction=0.25, method=method, rng=seed, topics=topics)
+           for seed in range(6)]
   for seed, picked in enumerate(picks):
     np.testing.assert_array_equal(
-        picked, creator.select(scores, fraction=0.25, method=method, rng=seed))
+        picked, creator.select(scores, fraction=0.25, method=method, rng=seed, topics=topics))
     assert picked.dtype == np.int64 and len(picked) == 15
     assert np.all(np.diff(picked) > 0) and picked.min() >= 0 and picked.max() < 60
   distinct = {tuple(p) for p in picks}
@@ -206,6 +209,76 @@ def test_selection_counts_and_errors():
     creator.select(np.arange(4.0), fraction=0.5, method="topk", rng=0)
   with pytest.raises(ValueError, match=r"index\(es\) \[1\]"):
     creator.select(np.array([0.0, np.nan]), fraction=0.5, rng=0)
+
+
+# Scores 0, 1, 2, 3 (min-max 0, 1/3, 2/3, 1: as a distribution 0, 1/6, 1/3, 1/2) and topics
+# a, a, a, b: T = 2 topics, inverse frequencies 4/3, 4/3, 4/3, 4 (sum 8 = P T), normalised
+# 1/6, 1/6, 1/6, 1/2 (each topic gets half the mass).
+TOPIC_SCORES, TOPICS = np.array([0.0, 1.0, 2.0, 3.0]), ["a", "a", "a", "b"]
+
+
+@pytest.mark.parametrize("topic_coef, expected", [
+    (0.0, [0.0, 1 / 6, 1 / 3, 1 / 2]),
+    (1.0, [1 / 6, 1 / 6, 1 / 6, 1 / 2]),
+    # 0.75 w + 0.25 v: 1/24, 1/8 + 1/24, 1/4 + 1/24, 3/8 + 1/8.
+    (0.25, [1 / 24, 4 / 24, 7 / 24, 12 / 24]),
+])
+def test_topic_weights_match_hand_values(topic_coef, expected):
+  weights = creator.topic_weights(TOPIC_SCORES, TOPICS, topic_coef)
+  np.testing.assert_allclose(weights, expected, rtol=1e-12, atol=1e-15)
+  # All scores equal: the score part is uniform, the topic part stays.
+  np.testing.assert_allclose(creator.topic_weights(np.ones(4), TOPICS, 0.25),
+                             [0.75 / 4 + 0.25 / 6] * 3 + [0.75 / 4 + 0.25 / 2])
+
+
+@pytest.mark.parametrize("topic_coef, weights", [
+    (1.0, [1 / 6, 1 / 6, 1 / 6, 1 / 2]),      # inverse topic frequency alone
+    (0.25, [1 / 24, 4 / 24, 7 / 24, 12 / 24]),
+])
+@pytest.mark.parametrize("fraction", [0.25, 0.5])  # K = 1 (the first pick), K = 2
+def test_topic_weighted_matches_exact_inclusion_probabilities(topic_coef, weights, fraction):
+  """Draws without replacement by the hand-computed weights (`exact_inclusion_probabilities`
+  enumerates the draw sequences); K = 1 is the first pick's distribution itself."""
+  num = creator.num_selected(4, fraction)
+  expected = exact_inclusion_probabilities(weights, num)
+  gen, num_draws = np.random.default_rng(0), 8000
+  counts = np.zeros(4)
+  for _ in range(num_draws):
+    picked = creator.select(TOPIC_SCORES, fraction=fraction, method="topic_weighted", rng=gen,
+                            topics=TOPICS, topic_coef=topic_coef)
+    assert len(picked) == num
+    counts[picked] += 1
+  tolerance = 4 * np.sqrt(expected * (1 - expected) / num_draws)
+  assert np.all(np.abs(counts / num_draws - expected) <= tolerance), (counts, expected)
+
+
+def test_topic_weighted_with_coefficient_0_picks_what_weighted_picks():
+  gen = np.random.default_rng(5)
+  for seed in range(20):
+    scores = gen.normal(size=40)
+    topics = gen.integers(0, 3, size=40).tolist()
+    np.testing.assert_array_equal(
+        creator.select(scores, fraction=0.25, method="topic_weighted", rng=seed, topics=topics,
+                       topic_coef=0.0),
+        creator.select(scores, fraction=0.25, method="weighted", rng=seed))
+  # With a positive coefficient the rare topic's low-score prompt is drawn: weighted never
+  # draws prompt 0 (the lowest score, weight 0) first.
+  firsts = {int(creator.select(TOPIC_SCORES, fraction=0.25, method="topic_weighted", rng=seed,
+                               topics=["b", "a", "a", "a"], topic_coef=0.25)[0])
+            for seed in range(200)}
+  assert 0 in firsts
+
+
+def test_topic_weighted_errors():
+  with pytest.raises(ValueError, match="'topic_weighted' needs topics, one per prompt"):
+    creator.select(TOPIC_SCORES, fraction=0.5, method="topic_weighted", rng=0)
+  with pytest.raises(ValueError, match="one topic per prompt: got 3 for 4 scores"):
+    creator.select(TOPIC_SCORES, fraction=0.5, method="topic_weighted", rng=0,
+                   topics=TOPICS[:3])
+  for coef in (-0.1, 1.5, True, float("nan"), "0.25"):
+    with pytest.raises(ValueError, match=r"topic_coef must be a number in \[0, 1\]"):
+      creator.select(TOPIC_SCORES, fraction=0.5, method="topic_weighted", rng=0, topics=TOPICS,
+                     topic_coef=coef)
 
 
 # -------------------------------------------------------------------------------------- filters
@@ -286,25 +359,25 @@ def test_filters_bad_options():
 
 
 def test_templates_render():
-  templates = creator.load_templates()
-  assert sorted(templates) == sorted(creator.EVOLUTION_METHODS) and len(templates) == 10
+  texts = templates.load_templates()
+  assert sorted(texts) == sorted(templates.EVOLUTION_METHODS) and len(texts) == 10
   prompt = "Write a function {name} that returns {other} in C++"
-  for name in creator.EVOLUTION_METHODS:
+  for name in templates.EVOLUTION_METHODS:
     other = "Summarise {prompt} for a child" if name == "mix" else None
-    request = creator.render_evolution_request(name, prompt, other)
+    request = templates.render_evolution_request(name, prompt, other)
     assert request.count(prompt) == 1
-    assert creator.PROMPT_OPEN in request and creator.PROMPT_CLOSE in request
+    assert templates.PROMPT_OPEN in request and templates.PROMPT_CLOSE in request
     assert "{prompt}" not in request.replace(other or "", "")
     if name == "mix":
       assert request.count(other) == 1 and request.index(prompt) < request.index(other)
   with pytest.raises(ValueError, match="unknown evolution template"):
-    creator.render_evolution_request("paraphrase", prompt)
+    templates.render_evolution_request("paraphrase", prompt)
   with pytest.raises(ValueError, match="other"):
-    creator.render_evolution_request("mix", prompt)
+    templates.render_evolution_request("mix", prompt)
   with pytest.raises(ValueError, match="other"):
-    creator.render_evolution_request("deepen", prompt, "second")
+    templates.render_evolution_request("deepen", prompt, "second")
   with pytest.raises(ValueError, match="non-empty"):
-    creator.render_evolution_request("deepen", "  ")
+    templates.render_evolution_request("deepen", "  ")
 
 
 @pytest.mark.parametrize("reply, expected", [
@@ -328,7 +401,7 @@ def test_templates_render():
     ("\"\"", None),
 ])
 def test_parse_evolved(reply, expected):
-  assert creator.parse_evolved(reply) == expected
+  assert templates.parse_evolved(reply) == expected
 
 
 def load_arena_prompts():
@@ -364,20 +437,20 @@ def tiny_chat_tokenizer(corpus):
 def test_arena_prompts_render_through_every_template_and_chat_template():
   prompts = load_arena_prompts()
   assert len(prompts) == 500
-  templates = creator.load_templates()
-  tok = tiny_chat_tokenizer(list(templates.values()) + ["user model"])
+  texts = templates.load_templates()
+  tok = tiny_chat_tokenizer(list(texts.values()) + ["user model"])
   start_id = tok.convert_tokens_to_ids("<start_of_turn>")
   for i, prompt in enumerate(prompts):
-    for name in creator.EVOLUTION_METHODS:
+    for name in templates.EVOLUTION_METHODS:
       other = prompts[(i + 1) % len(prompts)] if name == "mix" else None
-      request = creator.render_evolution_request(name, prompt, other)
+      request = templates.render_evolution_request(name, prompt, other)
       assert prompt.strip() in request and (other is None or other.strip() in request)
       chat = tok.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
                                      add_generation_prompt=True)
       assert chat.startswith("<bos><start_of_turn>user\n")
       assert chat.endswith("<end_of_turn>\n<start_of_turn>model\n")
-      assert request in chat and chat.count(creator.PROMPT_OPEN) >= 1
-      assert creator.PROMPT_CLOSE in chat
+      assert request in chat and chat.count(templates.PROMPT_OPEN) >= 1
+      assert templates.PROMPT_CLOSE in chat
   ids = tok.apply_chat_template([{"role": "user", "content": request}], tokenize=True,
                                 add_generation_prompt=True)["input_ids"]
   assert ids[:2] == [tok.bos_token_id, start_id] and ids.count(start_id) == 2
@@ -569,37 +642,37 @@ def test_evolve_round_rejects_malformed_chains():
 def test_template_sets_name_their_templates():
   """"eva" is today's ten; "evolinstruct" is WizardLM's four in-depth mutations and its one
   in-breadth mutation (the eva authors' EvolInstruct), its in-breadth one a template of its own."""
-  eva = creator.TEMPLATE_SETS.get("eva")
-  assert eva.methods == creator.EVOLUTION_METHODS and not eva.uniform
+  eva = templates.TEMPLATE_SETS.get("eva")
+  assert eva.methods == templates.EVOLUTION_METHODS and not eva.uniform
   assert not eva.continue_after_unusable
-  assert creator.load_templates("eva") == creator.load_templates()
-  evol = creator.TEMPLATE_SETS.get("evolinstruct")
+  assert templates.load_templates("eva") == templates.load_templates()
+  evol = templates.TEMPLATE_SETS.get("evolinstruct")
   assert evol.in_depth == ("add_constraints", "deepen", "concretize", "increase_reasoning")
   assert evol.in_breadth == ("breadth",) and evol.uniform and evol.continue_after_unusable
-  templates = creator.load_templates("evolinstruct")
-  assert list(templates) == list(evol.methods)
-  assert creator.TEMPLATE_NAMES == creator.EVOLUTION_METHODS + ("breadth",)
+  texts = templates.load_templates("evolinstruct")
+  assert list(texts) == list(evol.methods)
+  assert templates.TEMPLATE_NAMES == templates.EVOLUTION_METHODS + ("breadth",)
   # The shared in-depth templates are the same files in both sets.
   for name in evol.in_depth:
-    assert templates[name] == creator.load_templates()[name]
-  assert templates["breadth"] not in creator.load_templates().values()
+    assert texts[name] == templates.load_templates()[name]
+  assert texts["breadth"] not in templates.load_templates().values()
   with pytest.raises(ValueError, match="unknown template set 'wizard'"):
-    creator.load_templates("wizard")
+    templates.load_templates("wizard")
 
 
 def test_breadth_template_renders_with_its_placeholder_and_markers():
   prompt = "Write a function {name} that returns {other} in C++"
-  request = creator.render_evolution_request("breadth", prompt)
+  request = templates.render_evolution_request("breadth", prompt)
   assert request.count(prompt) == 1 and "{prompt}" not in request.replace(prompt, "")
   assert request.index("<original>") < request.index(prompt) < request.index("</original>")
-  assert request.rstrip().endswith(f"{creator.PROMPT_OPEN} and {creator.PROMPT_CLOSE}.")
+  assert request.rstrip().endswith(f"{templates.PROMPT_OPEN} and {templates.PROMPT_CLOSE}.")
   # A reply in the asked-for form parses back to the new prompt.
-  reply = f"{creator.PROMPT_OPEN}How do I write a C++ coroutine?{creator.PROMPT_CLOSE}"
-  assert creator.parse_evolved(reply) == "How do I write a C++ coroutine?"
+  reply = f"{templates.PROMPT_OPEN}How do I write a C++ coroutine?{templates.PROMPT_CLOSE}"
+  assert templates.parse_evolved(reply) == "How do I write a C++ coroutine?"
   with pytest.raises(ValueError, match="`other` is required for 'mix' and only there"):
-    creator.render_evolution_request("breadth", prompt, "another prompt")
+    templates.render_evolution_request("breadth", prompt, "another prompt")
   with pytest.raises(ValueError, match="prompt must be a non-empty string"):
-    creator.render_evolution_request("breadth", "  ")
+    templates.render_evolution_request("breadth", "  ")
 
 
 def test_a_step_after_an_unusable_one_is_filtered_against_the_last_text():

@@ -21,7 +21,8 @@ def arena_expected():
   path = shared_data.arena_path()
   rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
   return path, [PromptExample(id=r["question_id"], text=r["turns"][0]["content"],
-                              source="arena_hard", category=r["category"]) for r in rows]
+                              source="arena_hard", category=r["category"],
+                              cluster=r["cluster"]) for r in rows]
 
 
 # The generated prompt set: (file name, lines) and the examples a reader must return, written out

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from eva_jax import creator, filters
+from eva_jax import filters, templates
 from tests import shared_data
 
 PARENT = "Write a Python function that merges two sorted lists into one sorted list."
@@ -40,7 +40,7 @@ def test_the_two_real_failures_are_caught_and_were_kept_before():
 
 def test_markers_are_the_templates_and_the_prompt_wrappers():
   markers = filters.template_markers(filters.template_texts())
-  assert {creator.PROMPT_OPEN, creator.PROMPT_CLOSE, "<original>", "</original>", "<second>",
+  assert {templates.PROMPT_OPEN, templates.PROMPT_CLOSE, "<original>", "</original>", "<second>",
           "</second>"} == markers
   # Each marker alone, in any case, rejects an otherwise fine prompt.
   for marker in sorted(markers):

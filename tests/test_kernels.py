@@ -3,14 +3,18 @@
 The jnp reference is itself checked against a float64 NumPy log-softmax. Shapes are ragged on
 purpose (N=13, D=24, V=103 against 8 x 32 tiles) so that row padding, vocabulary padding and the
 slid last vocabulary block are all exercised. Float32 tolerance: rtol 1e-5, atol 1e-5 (matmuls
-run at "highest" precision, see conftest.py).
+run at "highest" precision, see conftest.py). The Pallas kernels are also compiled (not run) for
+a TPU through libtpu, the `tpu` extra.
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from eva_jax import kernels
+from eva_jax import sharding
 
 N, D, V = 13, 24, 103
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -135,6 +139,78 @@ def test_bfloat16_inputs(impl):
     scale = float(jnp.max(jnp.abs(w)))
     np.testing.assert_allclose(g.astype(jnp.float32), w, err_msg=name, rtol=2 ** -7,
                                atol=2 ** -7 * scale)
+
+
+def _numpy_logit_cotangent(hidden, w_out, targets, weights, softcap):
+  """d loss / d logits [N, V] in float64 for loss = sum(w0 * logprob + w1 * entropy):
+  (w0 ([k = t] - p_k) - w1 p_k (log p_k + H)) (1 - (z_k / softcap)^2)."""
+  logits = np.asarray(hidden, np.float64) @ np.asarray(w_out, np.float64)
+  capped = softcap * np.tanh(logits / softcap)
+  logp = capped - capped.max(axis=1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+  p = np.exp(logp)
+  entropy = -(p * logp).sum(axis=1, keepdims=True)
+  w0, w1 = (np.asarray(w, np.float64)[:, None] for w in weights)
+  g = w0 * (np.eye(logits.shape[1])[np.asarray(targets)] - p) - w1 * p * (logp + entropy)
+  return g * (1.0 - np.square(capped / softcap))
+
+
+def test_backward_kernels_bfloat16_masked_rows():
+  """The Pallas backward kernels (d_hidden, d_w_out) on bf16 inputs against jax.grad of the
+  plain log-softmax gather in float32 on the same (rounded) values, for a loss that masks rows
+  the way training masks padding: masked rows get exactly zero d_hidden. (Float32 inputs:
+  test_values_and_grads_match_reference, at TOL; measured max abs error ~1e-6.)
+
+  The bound: the kernels cast each tile's float32 logit cotangent G to bf16 for the MXU
+  (relative error u = 2^-8: 8 significand bits, round to nearest), the bf16 x bf16 products are
+  exact in float32 and accumulate in float32 (negligible error), and the result is rounded to
+  bf16 once more (u). So per element |error| <= u (|G| |W|^T) + u |d_hidden|
+  <= 2^-7 (|G| |W|^T), likewise 2^-7 (|H|^T |G|) for d_w_out: relative to the sum of
+  magnitudes, not to the result, which cancellation can make small (measured: max error /
+  max |gradient| ~ 3.8e-3 ~ 2^-8, element-wise relative error up to 0.2 on small entries).
+  """
+  hidden, w_out, targets, weights = _inputs(seed=4, dtype=jnp.bfloat16)
+  masked_N = np.arange(N) % 3 == 0
+  weights = jnp.where(masked_N, 0.0, weights)
+  _, got = _value_and_grads(_impl("pallas", SOFTCAP, True), hidden, w_out, targets, weights,
+                            with_entropy=True)
+  h32, w32 = hidden.astype(jnp.float32), w_out.astype(jnp.float32)
+  _, want = _value_and_grads(_impl("reference", SOFTCAP, True), h32, w32, targets, weights,
+                             with_entropy=True)
+  assert got[0].dtype == got[1].dtype == jnp.bfloat16
+  assert not np.any(got[0][masked_N]) and np.all(np.any(got[0][~masked_N], axis=1))
+  g_abs = np.abs(_numpy_logit_cotangent(h32, w32, targets, weights, SOFTCAP))
+  bounds = [2 ** -7 * g_abs @ np.abs(w32).T, 2 ** -7 * np.abs(h32).T @ g_abs]
+  for name, g, w, bound in zip(["d_hidden", "d_w_out"], got, want, bounds):
+    excess = np.abs(np.asarray(g.astype(jnp.float32)) - w) - bound
+    assert excess.max() <= 1e-6, (name, excess.max())
+
+
+def test_kernels_compile_for_tpu():
+  """The forward and both backward kernels lowered by Mosaic (interpret=False) and compiled for
+  a TPU v5e with libtpu, no TPU attached: the program holds each kernel as a TPU custom call
+  (not a fallback). Ragged N and V (padding), bf16 with softcap and entropy (5 row vectors into
+  the backward), float32 without (3)."""
+  pytest.importorskip("libtpu", reason="needs libtpu: pip install -e '.[tpu]'")
+  devices = sharding.tpu_topology_devices("v5e:2x2")
+  mesh = sharding.make_mesh(1, 1, 1, devices=devices[:1])
+  rows, dim, vocab = 200, 128, 1000
+  for dtype, softcap, with_entropy in [(jnp.bfloat16, 30.0, True), (jnp.float32, None, False)]:
+    def loss(h, w, t, softcap=softcap, with_entropy=with_entropy):
+      out = kernels.pallas_target_logprobs(h, w, t, softcap=softcap,
+                                           return_entropy=with_entropy, block_n=128,
+                                           block_v=256, interpret=False)
+      return jnp.sum(out[0] + out[1]) if with_entropy else jnp.sum(out)
+
+    args = [jax.ShapeDtypeStruct(shape, dt, sharding=sharding.replicated(mesh))
+            for shape, dt in [((rows, dim), dtype), ((dim, vocab), dtype), ((rows,), jnp.int32)]]
+    with jax.set_mesh(mesh):
+      hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
+    calls = [line for line in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
+    for kernel in ["target_logprobs_fwd", "target_logprobs_bwd_hidden", "target_logprobs_bwd_w"]:
+      # The pallas_call's name is in the custom call's instruction name and op_name metadata.
+      named = [line for line in calls if re.search(rf"(?<![a-z]){kernel}(?![a-z])", line)]
+      assert len(named) == 1, (kernel, dtype, calls)
 
 
 def test_target_logprobs_dispatch_with_default_blocks():

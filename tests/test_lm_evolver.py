@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import default as default_config
-from eva_jax import creator, lm_evolver, models, sampling, stages
+from eva_jax import creator, lm_evolver, models, sampling, stages, templates
 from eva_jax.buffer import PromptBuffer
 from eva_jax.lm_evolver import LMEvolver
 from eva_jax.models import tokenizer as tk
@@ -25,12 +25,12 @@ PROMPTS = ["How do I sort a list of numbers in Python?",
            "Tell me a joke about cats."]
 LONG_PROMPT = " ".join(["Please summarise the history of the printing press in Europe."] * 60)
 REFUSAL = "I'm sorry, but I can't help with that."
-OPEN, CLOSE = creator.PROMPT_OPEN, creator.PROMPT_CLOSE
+OPEN, CLOSE = templates.PROMPT_OPEN, templates.PROMPT_CLOSE
 
 
 # Distinct words for the scripted rewrites: each reply adds words no earlier reply used, so a
 # chain's steps stay below the filters' near-duplicate threshold however its methods repeat.
-WORD_BANK = sorted({w for t in creator.load_templates().values()
+WORD_BANK = sorted({w for t in templates.load_templates().values()
                     for w in re.findall(r"\b[a-z]{5,}\b", t)})
 
 
@@ -43,9 +43,9 @@ def harder(text, method, n):
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
   # Trained on everything the tests will encode, so every text round-trips.
-  corpus = list(creator.load_templates().values()) + PROMPTS + [LONG_PROMPT, REFUSAL]
+  corpus = list(templates.load_templates().values()) + PROMPTS + [LONG_PROMPT, REFUSAL]
   corpus += [f"Sure! {OPEN}{harder(p, m, 0)}{CLOSE}" for p in PROMPTS
-             for m in creator.EVOLUTION_METHODS]
+             for m in templates.EVOLUTION_METHODS]
   return tk.train_sentencepiece(corpus, str(tmp_path_factory.mktemp("tok")), vocab_size=1000)
 
 
@@ -74,19 +74,19 @@ def chains_of(candidates):
 
 
 def test_method_probabilities_hand_computed():
-  probs = dict(zip(creator.EVOLUTION_METHODS, lm_evolver.method_probabilities()))
-  assert probs == pytest.approx({m: 0.1 for m in creator.EVOLUTION_METHODS})
-  probs = dict(zip(creator.EVOLUTION_METHODS, lm_evolver.method_probabilities(
+  probs = dict(zip(templates.EVOLUTION_METHODS, lm_evolver.method_probabilities()))
+  assert probs == pytest.approx({m: 0.1 for m in templates.EVOLUTION_METHODS})
+  probs = dict(zip(templates.EVOLUTION_METHODS, lm_evolver.method_probabilities(
       0.8, {"deepen": 3, "expand": 1, "persona": 1})))
   # In-depth 0.8 split 3:1, in-breadth 0.2 all on persona.
   assert probs == pytest.approx({m: {"deepen": 0.6, "expand": 0.2, "persona": 0.2}.get(m, 0.0)
-                                 for m in creator.EVOLUTION_METHODS})
-  probs = dict(zip(creator.EVOLUTION_METHODS, lm_evolver.method_probabilities(allow_mix=False)))
-  assert probs == pytest.approx({m: 0.1 if m in creator.IN_DEPTH_METHODS else
-                                 0.0 if m == "mix" else 0.125 for m in creator.EVOLUTION_METHODS})
+                                 for m in templates.EVOLUTION_METHODS})
+  probs = dict(zip(templates.EVOLUTION_METHODS, lm_evolver.method_probabilities(allow_mix=False)))
+  assert probs == pytest.approx({m: 0.1 if m in templates.IN_DEPTH_METHODS else
+                                 0.0 if m == "mix" else 0.125 for m in templates.EVOLUTION_METHODS})
   # A group with no weight hands its share over.
   probs = lm_evolver.method_probabilities(0.0, {"deepen": 1})
-  assert probs[creator.EVOLUTION_METHODS.index("deepen")] == 1.0 and probs.sum() == 1.0
+  assert probs[templates.EVOLUTION_METHODS.index("deepen")] == 1.0 and probs.sum() == 1.0
 
 
 @pytest.mark.parametrize("args, kwargs, match", [
@@ -171,7 +171,7 @@ def test_tiny_random_model_chains_requests_and_determinism(tok, tiny_model, monk
   # Chain structure: one chain per prompt, in prompt order, steps 1..3, every step parsed.
   assert [(c.parent_id, c.step, c.chain) for c in candidates] == [
       (r.id, s, 0) for r in records for s in (1, 2, 3)]
-  assert all(c.method in creator.EVOLUTION_METHODS and c.text for c in candidates)
+  assert all(c.method in templates.EVOLUTION_METHODS and c.text for c in candidates)
   by_chain = chains_of(candidates)
 
   # One sample call per chunk of at most 2 requests: steps x chunks (2 + 1).
@@ -197,15 +197,16 @@ def test_tiny_random_model_chains_requests_and_determinism(tok, tiny_model, monk
     parent = records[i].text if s == 1 else by_chain[records[i].id][s - 2].text
     others = ([r.text for j, r in enumerate(records) if j != i] if cand.method == "mix"
               else [None])
-    renderings = [tok.apply_chat_template(creator.render_evolution_request(cand.method, parent, o))
-                  for o in others]
+    renderings = [
+        tok.apply_chat_template(templates.render_evolution_request(cand.method, parent, o))
+        for o in others]
     assert request_ids.tolist() in renderings, (i, s, cand.method)
     assert request_ids[:2].tolist() == [vocab["<bos>"], vocab["<|user|>"]]
     assert request_ids[-1] == vocab["<|assistant|>"]
     text = tok.decode(request_ids)
     assert parent in text and "<original>" in text and OPEN in text
     assert len(reply_ids) <= 8
-    assert cand.text == creator.parse_evolved(tok.decode(reply_ids))
+    assert cand.text == templates.parse_evolved(tok.decode(reply_ids))
 
   # Deterministic for a seed, whatever form it takes; another seed gives another round.
   assert evolver.evolve(records, rng=7, iteration=1) == candidates
@@ -236,7 +237,7 @@ class ScriptedSampler:
     self.requests, self.replies = [], []
     # The text after the last placeholder of each template tells the templates apart.
     self.endings = {name: text.rsplit("}", 1)[1].strip()
-                    for name, text in creator.load_templates().items()}
+                    for name, text in templates.load_templates().items()}
 
   def method_of(self, request):
     names = [name for name, ending in self.endings.items() if ending in request]
@@ -288,7 +289,7 @@ def test_scripted_creator_through_filters_into_buffer(tok, tiny_model, monkeypat
   assert len(tok.apply_chat_template(LONG_PROMPT)) > 512
   evolver = LMEvolver(config, params, tok, num_chained=3, max_new_tokens=96, batch_size=4,
                       max_prompt_tokens=512,
-                      method_weights={m: 1.0 for m in creator.IN_DEPTH_METHODS})
+                      method_weights={m: 1.0 for m in templates.IN_DEPTH_METHODS})
   with caplog.at_level(logging.INFO):
     added = creator.evolve_round(buffer, [r.id for r in buffer], evolver, rng=3, iteration=1,
                                  tokenizer_len_fn=lambda t: len(tok.encode(t)))
@@ -311,9 +312,9 @@ def test_scripted_creator_through_filters_into_buffer(tok, tiny_model, monkeypat
   # of the method the record names.
   for record, k in zip(added, (0, 4, 7, 5, 8)):
     original, method, _ = scripted.requests[k]
-    assert record.method == method and method in creator.IN_DEPTH_METHODS
+    assert record.method == method and method in templates.IN_DEPTH_METHODS
     assert original == buffer.get(record.parent_id).text
-    assert record.text == creator.parse_evolved(scripted.replies[k])
+    assert record.text == templates.parse_evolved(scripted.replies[k])
     assert record.text.startswith(original + " Then do it the")
 
   path = tmp_path / "buffer.jsonl"
@@ -372,7 +373,7 @@ def test_progress_one_bar_per_step_counts_requests(tok, tiny_model, monkeypatch)
   # off (its chain ends), so steps 2 and 3 send 3 (ScriptedSampler's rules).
   evolver = LMEvolver(config, params, tok, num_chained=3, max_new_tokens=96, batch_size=3,
                       max_prompt_tokens=512, progress=bars,
-                      method_weights={m: 1.0 for m in creator.IN_DEPTH_METHODS})
+                      method_weights={m: 1.0 for m in templates.IN_DEPTH_METHODS})
   evolver.evolve(make_buffer(PROMPTS + [LONG_PROMPT]).base_records(), rng=3, iteration=1)
   assert [(b.desc, b.total, b.unit) for b in bars.bars] == [
       ("evolve 1/3", 4, "request"), ("evolve 2/3", 3, "request"), ("evolve 3/3", 3, "request")]
@@ -430,7 +431,7 @@ def _todays_plan(num_prompts, num_chained, gen, probs_M):
   for prompt in range(num_prompts):
     chain = []
     for _ in range(num_chained):
-      method = creator.EVOLUTION_METHODS[gen.choice(10, p=probs_M)]
+      method = templates.EVOLUTION_METHODS[gen.choice(10, p=probs_M)]
       other = None
       if method == "mix":
         other = int(gen.integers(num_prompts - 1))
@@ -463,10 +464,10 @@ def test_default_template_set_keeps_todays_plans(num_prompts):
 @pytest.fixture(scope="module")
 def evol_tok(tmp_path_factory):
   """`tok`, trained on every template set's templates and EvolInstruct's rewrites as well."""
-  corpus = [text for name in creator.TEMPLATE_SETS.names()
-            for text in creator.load_templates(name).values()] + PROMPTS + [LONG_PROMPT, REFUSAL]
+  corpus = [text for name in templates.TEMPLATE_SETS.names()
+            for text in templates.load_templates(name).values()] + PROMPTS + [LONG_PROMPT, REFUSAL]
   corpus += [f"Sure! {OPEN}{harder(p, m, 0)}{CLOSE}" for p in PROMPTS
-             for m in creator.TEMPLATE_NAMES]
+             for m in templates.TEMPLATE_NAMES]
   return tk.train_sentencepiece(corpus, str(tmp_path_factory.mktemp("evol_tok")),
                                 vocab_size=1000)
 
@@ -478,7 +479,7 @@ class FailsOnceSampler(ScriptedSampler):
   def __init__(self, tok):
     super().__init__(tok)
     self.endings = {name: text.rsplit("}", 1)[1].strip()
-                    for name, text in creator.load_templates("evolinstruct").items()}
+                    for name, text in templates.load_templates("evolinstruct").items()}
 
   def _reply(self, request):
     text, ends = super()._reply(request)

@@ -147,6 +147,7 @@ def test_capacity_trims_the_oldest_and_the_buffer_round_trips_through_json():
     ("base_ratio", 1.2, r"online.base_ratio: must lie in \[0, 1\]"),
     ("learning_rate", 0.0, "online.learning_rate: must be a positive number"),
     ("solved_reward", float("nan"), "online.solved_reward: must be a number"),
+    ("token_budget", -1, "online.token_budget: must be an int >= 0"),
 ])
 def test_bad_online_fields_are_refused_before_anything_is_written(tmp_path, key, value, message):
   c = online_config.get_config("smoke")
@@ -155,6 +156,37 @@ def test_bad_online_fields_are_refused_before_anything_is_written(tmp_path, key,
     online_loop.run(c, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
   config_check.validate(online_config.get_config("smoke"))  # The smoke config itself is fine.
+
+
+@pytest.mark.parametrize("field, value", [("protocol", "paper"), ("creator.evolve", False),
+                                          ("creator.selection", "topic_weighted")])
+def test_offline_only_fields_are_refused_online(field, value):
+  c = online_config.get_config("smoke")
+  section, _, key = field.rpartition(".")
+  (c[section] if section else c)[key] = value
+  with pytest.raises(ValueError, match=f"config field {field}: .* not supported with an `online`"):
+    config_check.validate(c)
+
+
+@pytest.mark.parametrize("arg, fsdp, prompts, chunk", [("paper", 4, "eva", 16),
+                                                         ("paper,static,v5e-64", 64, "static", 32)])
+def test_paper_scale_config_validates_with_its_sizes(arg, fsdp, prompts, chunk, tmp_path):
+  c = online_config.get_config(arg)
+  for name in ("policy", "reward"):
+    (tmp_path / name).mkdir()
+  (tmp_path / "prompts.jsonl").write_text('{"prompt": "Question?"}\n')
+  c.model.path = c.tokenizer.path = str(tmp_path / "policy")
+  c.reward.path, c.data.path = str(tmp_path / "reward"), str(tmp_path / "prompts.jsonl")
+  config_check.validate(c)
+  o = c.online
+  assert (c.model.family, c.reward.kind, c.data.source) == ("gemma2", "armorm", "jsonl")
+  assert c.creator.enabled == (prompts == "eva") and c.creator.evolver == "lm"
+  assert (o.num_samples, o.prompts_per_step, o.max_new_tokens) == (4, 32, 2048)
+  assert c.sampling.max_prompt_length == 1024 and c.sampling.batch_size == chunk
+  # One rollout row per chip per micro-batch (the memory plan's rloo rows): 128 rows / fsdp.
+  assert c.mesh.fsdp == fsdp and o.grad_accum == 128 // fsdp
+  with pytest.raises(ValueError, match="slice in"):
+    online_config.get_config("paper,v5e-32")
 
 
 # --- end to end --------------------------------------------------------------------------------
@@ -253,3 +285,37 @@ def test_killed_anywhere_resumes_bit_identically(run_online, reference, tmp_path
   for s in (0, 3, 6):
     name = f"online/evaluate_{s:06d}.json"
     assert json.loads((workdir / name).read_text()) == json.loads((ref_dir / name).read_text())
+
+
+def test_token_budget_ends_the_run_after_the_step_that_reaches_it(run_online, reference,
+                                                                   tmp_path):
+  ref_dir, _ = reference
+  ref_rows = _online_rows(ref_dir)
+  # The generated tokens after each step of the uninterrupted run, from its per-step logs: a
+  # budget one above step 3's total ends the run after step 4.
+  used = np.cumsum([ref_rows[s]["policy_tokens"] for s in sorted(ref_rows)])
+  used += np.array([ref_rows[s]["total_creator_tokens"] for s in sorted(ref_rows)])
+  budget = int(used[2]) + 1
+  expected = int(np.argmax(used >= budget)) + 1
+  assert expected == 4 and used[3] > used[2]
+  workdir, flag = tmp_path / "run", f"--config.online.token_budget={budget}"
+  # Killed after the last evaluation is written, before its buffer and checkpoint: the resume
+  # redoes step 4 from checkpoint 3 and ends there again.
+  proc = run_online(workdir, flag, env={"EVA_TEST_KILL_AT": "evaluate_000004.json.written"})
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  proc = run_online(workdir, flag)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"token budget {budget} reached after step {expected}" in proc.stdout
+  rows = _online_rows(workdir)
+  assert sorted(rows) == list(range(1, expected + 1))
+  assert rows == {s: ref_rows[s] for s in rows}  # The same steps as the run without a budget.
+  evals = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert sorted({r["step"] for r in evals if r["kind"] == "eval"}) == [0, 3, expected]
+  step, params = checkpoints.checkpoint_arrays(workdir / "online")
+  assert step == expected
+  # The uninterrupted run keeps its last two checkpoints, 4 and 6: the same params bit for bit.
+  _, ref_params = checkpoints.checkpoint_arrays(ref_dir / "online", expected)
+  assert len(params) == len(ref_params)
+  for a, b in zip(params, ref_params):
+    np.testing.assert_array_equal(a, b)
+  assert "## Online" in (workdir / "report.md").read_text()

@@ -1,5 +1,6 @@
 """The sampler against transformers' greedy `generate`, a teacher-forced forward, and NumPy's
-truncated softmax; determinism, bucketing, sharding and bad input."""
+truncated softmax; determinism, bucketing, sharding and bad input; continuous batching against
+the fixed-batch sampler."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from eva_jax import models, sampling, sharding, token_select  # noqa: E402
+from eva_jax import continuous, models, sampling, sharding, token_select  # noqa: E402
 from eva_jax.models import hf  # noqa: E402
 from tests import hf_fixtures  # noqa: E402
 
@@ -372,3 +373,87 @@ def test_bad_input_is_a_clear_error(llama, change, match):
   with pytest.raises(ValueError, match=match):
     sampling.sample(config, params, args.pop("tokens"), args.pop("mask"),
                     rng=jax.random.key(0), **args)
+
+
+# --- continuous batching (eva_jax.continuous): the fixed-batch sampler as the reference ---
+
+
+def _continuous_prompts():
+  """Token-id prompts of one width bucket (16): one refill and one decode compile per setting;
+  as a batch, the SHARED shapes."""
+  tokens, mask = hf_fixtures.ragged_batch([12, 9, 16, 10], 16, seed=8)
+  return tokens, mask, [list(row[m.astype(bool)]) for row, m in zip(tokens, mask)]
+
+
+def test_continuous_greedy_matches_fixed_batches(llama):
+  config, params = llama
+  tokens, mask, ids = _continuous_prompts()
+  free = sampling.sample(config, params, tokens, mask, rng=jax.random.key(0), greedy=True,
+                         eos_ids=(), **SHARED)
+  # Prompt 0 stops at its third token, prompt 2 at its second (or earlier where the ids recur).
+  eos = [int(free.tokens[0, 0, 2]), int(free.tokens[2, 0, 1])]
+  want = sampling.sample(config, params, tokens, mask, rng=jax.random.key(0), greedy=True,
+                         eos_ids=eos, **SHARED)
+  # 3 slots for 8 rows, refilled 2 at a time: prompts straddle refills and slots.
+  got = continuous.sample_continuous(config, params, ids, rng=jax.random.key(0), greedy=True,
+                                     eos_ids=eos, slots=3, refill=2, **SHARED)
+  np.testing.assert_array_equal(got.tokens, np.asarray(want.tokens))
+  np.testing.assert_array_equal(got.lengths, np.asarray(want.lengths))
+  np.testing.assert_array_equal(got.finished, np.asarray(want.finished))
+  np.testing.assert_allclose(got.logprobs, np.asarray(want.logprobs), atol=1e-5)
+  assert got.lengths[0, 0] <= 3 and got.finished[0].all()
+  assert not got.finished.all()  # Some rows ran to max_new_tokens.
+  np.testing.assert_array_equal(got.lengths[~got.finished], SHARED["max_new_tokens"])
+  # Poison a token prompt 1 emits: the first row, in (prompt, sample) order, to read it (in its
+  # prompt: step 0; fed back after step k: step k + 1) is named, with the count of such rows.
+  poison = int(got.tokens[1, 0, 2])
+  steps = {}
+  for p, row in enumerate(ids):
+    for n in range(2):
+      fed = np.flatnonzero(got.tokens[p, n, :got.lengths[p, n] - 1] == poison)
+      if poison in row or fed.size:
+        steps[p, n] = 0 if poison in row else int(fed[0]) + 1
+  (p, n), step = next(iter(steps.items()))
+  with pytest.raises(ValueError, match=rf"non-finite logits in prompt {p} \(sample {n}\) at "
+                     rf"step {step} \({len(steps)} row\(s\) in all\)"):
+    continuous.sample_continuous(config, _nan_token_params(params, poison), ids,
+                                 rng=jax.random.key(0), greedy=True, eos_ids=eos, slots=3,
+                                 refill=2, **SHARED)
+
+
+def test_continuous_draws_do_not_depend_on_slots_refill_or_order(llama):
+  config, params = llama
+  ids = _continuous_prompts()[2]
+  kw = dict(rng=jax.random.key(4), temperature=0.8, top_p=0.9, **SHARED)
+  free = continuous.sample_continuous(config, params, ids, slots=3, refill=1, eos_ids=(), **kw)
+  before = dict(continuous.TRACE_COUNTS)
+  # Row (0, 0) stops at its third token: its draws up to there do not depend on the eos ids.
+  kw["eos_ids"] = (int(free.tokens[0, 0, 2]), int(free.tokens[3, 1, 4]))
+  a = continuous.sample_continuous(config, params, ids, slots=3, refill=1, **kw)
+  assert dict(continuous.TRACE_COUNTS) == before  # One compile per setting.
+  b = continuous.sample_continuous(config, params, ids, slots=5, refill=2, order=[3, 1, 0, 2],
+                                   **kw)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(a.tokens[0, 0, :3], free.tokens[0, 0, :3])
+  assert all((a.tokens[i, 0] != a.tokens[i, 1]).any() for i in range(len(ids)))
+  # After a row's end: pad tokens and zero log-probs; it ended on an eos iff it is finished.
+  t = SHARED["max_new_tokens"]
+  after = np.arange(t)[None, None] >= a.lengths[..., None]
+  assert (a.tokens[after] == 0).all() and (a.logprobs[after] == 0).all()
+  last = np.take_along_axis(a.tokens, a.lengths[..., None] - 1, axis=-1)[..., 0]
+  np.testing.assert_array_equal(np.isin(last, kw["eos_ids"]), a.finished)
+  np.testing.assert_array_equal(a.lengths[~a.finished], t)
+  assert a.lengths[0, 0] <= 3 and a.finished[0, 0] and not a.finished.all()
+
+
+def test_continuous_bad_input_is_a_clear_error(llama):
+  config, params = llama
+  ids = _continuous_prompts()[2]
+  kw = dict(rng=jax.random.key(0), slots=2, **SHARED)
+  with pytest.raises(ValueError, match="prompt 1 is empty"):
+    continuous.sample_continuous(config, params, [ids[0], []], **kw)
+  with pytest.raises(ValueError, match="order must be a permutation"):
+    continuous.sample_continuous(config, params, ids, order=[0, 0, 1, 2], **kw)
+  with pytest.raises(ValueError, match="slots must be an int >= 1"):
+    continuous.sample_continuous(config, params, ids, **dict(kw, slots=0))

@@ -7,6 +7,7 @@ import pytest
 
 from configs import default as default_config
 from eva_jax import data, sources, synthetic
+from tests import shared_data
 
 # 30 prompts with Arena-Hard style ids.
 ROWS = [{"question_id": f"q{i:02d}", "prompt": f"prompt number {i}"} for i in range(30)]
@@ -86,3 +87,77 @@ def test_file_source_has_no_sft_examples_checker_or_evolver(prompt_file):
   source = sources.make(_config(prompt_file))
   assert source.sft_examples(10, 3) == [] and source.checker is None
   assert source.evolver(default_config.get_config().creator) is None
+
+
+# --- topics (creator.selection "topic_weighted") ---
+
+
+def test_synthetic_prompts_carry_their_task_name_as_topic():
+  c = default_config.get_config("smoke")
+  c.data.num_prompts = 64
+  source = sources.make(c)
+  prompts = source.base_prompts(0)
+  for p in prompts:
+    # The task name is the prompt's head: "sort then inc: 3 9 1", "count 3: 3 9 3 1".
+    head = p.text.split(":")[0]
+    assert p.topic in synthetic.TASK_NAMES
+    assert p.topic == ("count" if head.startswith("count ") else head)
+  assert len({p.topic for p in prompts}) > 3
+  held = source.heldout()
+  assert [p.topic for p in held] == [
+      task for _, _, task in synthetic.heldout_set(c.seed + 10_000, c.data.heldout_per_level)]
+
+
+@pytest.fixture(scope="module")
+def topic_file(tmp_path_factory):
+  """30 prompts: `source` s0 / s1 / s2 by i mod 3; `category` only on even rows."""
+  rows = [{"prompt_id": f"p{i:02d}", "prompt": f"prompt number {i}", "source": f"s{i % 3}",
+           **({"category": f"c{i % 4}"} if i % 2 == 0 else {})} for i in range(30)]
+  path = tmp_path_factory.mktemp("topics") / "prompts.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def test_file_prompts_take_their_topic_from_data_topic_field(topic_file):
+  c = _config(topic_file)
+  number = lambda p: int(p.text.split()[-1])  # noqa: E731
+  every = lambda s: s.heldout() + [p for t in range(3) for p in s.base_prompts(t)]  # noqa: E731
+  assert all(p.topic is None for p in every(sources.make(c)))  # "" by default: no topics
+  c.data.topic_field = "source"
+  by_source = every(sources.make(c))
+  assert [p.topic for p in by_source] == [f"s{number(p) % 3}" for p in by_source]
+  c.data.topic_field = "category"
+  by_category = every(sources.make(c))
+  assert [p.topic for p in by_category] == [
+      f"c{number(p) % 4}" if number(p) % 2 == 0 else None for p in by_category]
+  # The topic does not change which prompts are drawn.
+  assert [p.text for p in by_category] == [p.text for p in by_source]
+
+
+def test_a_bad_topic_field_is_refused(prompt_file, topic_file):
+  c = _config(topic_file)
+  c.data.topic_field = "topic"
+  with pytest.raises(ValueError, match=r"data.topic_field: 'topic' is not a prompt field; "
+                     r"expected one of \('source', 'category', 'cluster'\)"):
+    sources.make(c)
+  c = _config(prompt_file)  # No row has a category.
+  c.data.topic_field = "category"
+  with pytest.raises(ValueError, match=r"no prompt has a 'category' \(data.topic_field\)"):
+    sources.make(c)
+
+
+def test_arena_hard_prompts_take_their_cluster_as_topic():
+  path = shared_data.arena_path()
+  rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+  cluster_of = {r["turns"][0]["content"]: r["cluster"] for r in rows}
+  c = _config(path, num_prompts=16, iterations=2, heldout=8)
+  c.data.topic_field = "cluster"
+  source = sources.make(c)
+  prompts = source.heldout() + source.base_prompts(0) + source.base_prompts(1)
+  assert [p.topic for p in prompts] == [cluster_of[p.text] for p in prompts]
+  assert len({p.topic for p in prompts}) > 5
+
+
+def test_prompt_topic_is_last_and_optional():
+  assert sources.Prompt._fields == ("text", "id", "level", "topic")
+  assert sources.Prompt("x", "q1", 2) == ("x", "q1", 2, None)

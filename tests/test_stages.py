@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from eva_jax import creator, models, sampling, stages, synthetic
+from eva_jax import continuous, creator, models, sampling, stages, synthetic
 from eva_jax.buffer import PromptBuffer
 from eva_jax.models import tokenizer as tk
 
@@ -101,6 +101,23 @@ def test_generate_samples_each_chunk_with_the_key_folded_with_its_start(policy):
                            for n in range(2)] for p in range(len(SYNTH_PROMPTS))]
 
 
+def test_generate_with_continuous_batching_keys_each_prompt_and_sample(policy):
+  """sampling.continuous: one pool of batch_size x num_samples slots over all prompts, drawn as
+  `continuous.sample_continuous` draws them; the same output format as the fixed chunks."""
+  key = stages.stage_key(0, 0, "generate")
+  cfg = types.SimpleNamespace(**vars(SAMPLING), continuous=True)
+  gen = stages.generate(policy, SYNTH_PROMPTS, key=key, sampling_cfg=cfg)
+  tok, ids = policy.tokenizer, stages.prompt_ids(policy.tokenizer, SYNTH_PROMPTS, 12)
+  out = continuous.sample_continuous(policy.model_config, policy.params, ids, rng=key, slots=4,
+                                     num_samples=2, max_new_tokens=5, pad_id=tok.pad_id,
+                                     temperature=0.7, top_p=0.9, eos_ids=tok.eos_ids)
+  for name in ("tokens", "lengths", "finished"):
+    np.testing.assert_array_equal(gen[name], getattr(out, name))
+  assert gen["tokens"].shape == (len(SYNTH_PROMPTS), 2, 5)
+  assert gen["texts"] == [[tok.decode(gen["tokens"][p, n, :gen["lengths"][p, n]])
+                           for n in range(2)] for p in range(len(SYNTH_PROMPTS))]
+
+
 # --- create: buffer in, buffer out, plain data ---
 
 
@@ -109,8 +126,8 @@ def test_create_adds_scores_selects_and_evolves_on_a_copy_of_the_buffer():
   buffer.add(synthetic.base_prompts(1, seed=2)[0], iteration=0)
   rewards_PxN = np.array([[0.0, 1.0], [0.5, 0.5], [0.2, 0.4], [1.0, 1.0]], np.float32)
   info_P = creator.informativeness(rewards_PxN, "gap")
-  cfg = types.SimpleNamespace(fraction=0.5, selection="greedy", min_tokens=1, max_tokens=100,
-                              max_similarity=0.95)
+  cfg = types.SimpleNamespace(fraction=0.5, selection="greedy", topic_coef=0.25, min_tokens=1,
+                              max_tokens=100, max_similarity=0.95)
   evolver = synthetic.SyntheticEvolver(num_chained=1)
   new, created = stages.create(
       buffer, SYNTH_PROMPTS[:4], rewards_PxN, info_P, iteration=1, creator_cfg=cfg,
@@ -136,12 +153,54 @@ def test_create_adds_scores_selects_and_evolves_on_a_copy_of_the_buffer():
   assert again == created
 
 
+def test_create_keeps_topics_and_passes_them_to_topic_weighted_selection():
+  rewards_PxN = np.array([[0.0, 1.0], [0.5, 0.5], [0.2, 0.4], [1.0, 1.0]], np.float32)
+  info_P = creator.informativeness(rewards_PxN, "gap")
+  cfg = types.SimpleNamespace(fraction=0.5, selection="topic_weighted", topic_coef=0.25,
+                              min_tokens=1, max_tokens=100, max_similarity=0.95)
+  topics = ["sort", "sort", None, "add"]
+  args = dict(iteration=0, creator_cfg=cfg, evolver=synthetic.SyntheticEvolver(num_chained=1),
+              token_count=len, dataset_ids=["a", None, None, "d"])
+  new, created = stages.create(PromptBuffer(), SYNTH_PROMPTS[:4], rewards_PxN, info_P,
+                               rng=np.random.default_rng(3), topics=topics, **args)
+  assert [r.extra for r in new.base_records()] == [
+      {"dataset_id": "a", "topic": "sort"}, {"topic": "sort"}, {},
+      {"dataset_id": "d", "topic": "add"}]
+  # The selection is creator.select's with these topics, drawn first from the rng.
+  expected = creator.select(info_P, fraction=0.5, method="topic_weighted",
+                            rng=np.random.default_rng(3), topics=topics, topic_coef=0.25)
+  assert created["selected"] == [new.base_records()[i].id for i in expected]
+  for missing in (None, [None] * 4):
+    with pytest.raises(ValueError, match="'topic_weighted' needs each prompt's topic.*"
+                       "data.topic_field"):
+      stages.create(PromptBuffer(), SYNTH_PROMPTS[:4], rewards_PxN, info_P,
+                    rng=np.random.default_rng(3), topics=missing, **args)
+
+
 def test_mix_static_takes_a_shuffled_capped_slice_of_the_base_pairs():
   base = [{"source": "base", "i": i} for i in range(6)]
   off = types.SimpleNamespace(enabled=False, base_ratio=0.5)
   mixed = stages.mix(base, [], np.random.default_rng(0), creator_cfg=off, num_pairs=4)
   order = np.random.default_rng(0).permutation(6)
   assert mixed == [base[i] for i in order[:4]]
+
+
+def test_mix_tops_up_the_budget_with_unused_base_pairs_only_when_asked():
+  base = [{"source": "base", "i": i} for i in range(6)]
+  evolved = [{"source": "evolved", "i": i} for i in range(2)]
+  cfg = types.SimpleNamespace(enabled=True, base_ratio=0.5, top_up=False)
+  # At ratio 0.5 (base share rounded half up) two evolved pairs support 3 + 2 = 5 pairs:
+  # without top-up that is all the mix gives.
+  plain = stages.mix(base, evolved, np.random.default_rng(0), creator_cfg=cfg, num_pairs=6)
+  assert len(plain) == 5 and sum(p["source"] == "evolved" for p in plain) == 2
+  cfg.top_up = True
+  full = stages.mix(base, evolved, np.random.default_rng(0), creator_cfg=cfg, num_pairs=6)
+  # Same mix first (the same rng draws), then the missing one from the 3 unused base pairs.
+  assert len(full) == 6 and sum(p["source"] == "evolved" for p in full) == 2
+  assert len({p["i"] for p in full if p["source"] == "base"}) == 4  # No base pair twice.
+  assert {id(p) for p in plain if p["source"] == "base"} < {id(p) for p in full}
+  assert len(stages.mix(base, evolved, np.random.default_rng(0), creator_cfg=cfg,
+                        num_pairs=20)) == 8  # Never more pairs than exist.
 
 
 # --- axis rules: from the config's mesh.rules to where the policy and its updates live ---

@@ -15,6 +15,7 @@ from ml_collections import config_flags
 
 from configs import ablations as ablation_configs
 from configs import default as default_config
+from eva_jax import creator
 from experiments import ablations, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,12 +27,26 @@ ABL = os.path.join(ROOT, "configs", "ablations.py")
 
 
 def test_ablation_sweeps_cover_values_times_seeds():
+  assert ablation_configs.SEEDS == (0, 1, 2, 3, 4)
   for name, (field, values) in ablation_configs.ABLATIONS.items():
     runs = sweep.expand(f"{ABL}:{name}")
     section, key = field.split(".")
     got = sorted((str(r.config[section][key]), r.config.seed) for r in runs)
-    assert got == sorted((str(v), s) for v in values for s in (0, 1, 2))
+    assert got == sorted((str(v), s) for v in values for s in ablation_configs.SEEDS)
     assert len({r.name for r in runs}) == len(runs)
+    assert all((r.config.protocol, r.config.iterations) == ("paper", 2) for r in runs)
+  # subset: the authors' subset-iw / subset-greedy, selection without evolution.
+  subset = sweep.expand(f"{ABL}:subset")
+  assert all(r.config.creator.evolve is False and r.config.creator.enabled for r in subset)
+  assert {r.name for r in subset if r.config.seed == 0} == {
+      "evolve-False_seed-0", "evolve-False_selection-greedy_seed-0"}
+
+
+def test_ablation_sweeps_cover_every_registered_metric_and_selection():
+  """The metric and selection sweeps run every name the creator's registries hold."""
+  assert ablation_configs.ABLATIONS["metric"][1] == creator.INFORMATIVENESS.names()
+  assert ablation_configs.ABLATIONS["selection"][1] == creator.SELECTORS.names()
+  assert ablations.NAMES == tuple(ablation_configs.ABLATIONS)
 
 
 def test_ablation_runs_share_one_budget_and_the_default_runs():
@@ -41,13 +56,15 @@ def test_ablation_runs_share_one_budget_and_the_default_runs():
              r.config.train.batch_size, r.config.train.grad_accum, r.config.sft.steps,
              r.config.data.num_prompts, r.config.sampling.num_samples) for r in runs}
   assert len(budget) == 1
-  # The default variant (eva, gap, weighted) is the same three runs in every sweep.
-  base = default_config.get_config().to_dict()
+  # The default variant (eva, gap, weighted) is the same runs in every sweep but subset, whose
+  # runs never evolve.
+  base = ablation_configs.get_config().to_dict()
   for name in ablation_configs.ABLATIONS:
     defaults = [r for r in sweep.expand(f"{ABL}:{name}")
                 if {k: v for k, v in r.config.to_dict().items() if k != "seed"}
                 == {k: v for k, v in base.items() if k != "seed"}]
-    assert sorted(r.name for r in defaults) == ["seed-0", "seed-1", "seed-2"]
+    expected = [] if name == "subset" else [f"seed-{s}" for s in ablation_configs.SEEDS]
+    assert sorted(r.name for r in defaults) == expected
 
 
 def test_run_names():
@@ -104,7 +121,7 @@ def test_print_tpu_commands(capsys):
   sweep.main([f"--config={ABL}:metric", "--workdir_root=/mnt/eva/abl/",
               "--print_tpu_commands", "--tpu=pod-1", "--zone=us-central2-b"])
   lines = capsys.readouterr().out.strip().splitlines()
-  assert len(lines) == 9
+  assert len(lines) == 8 * len(ablation_configs.SEEDS)  # 8 metrics
   runs = {r.name: r for r in sweep.expand(f"{ABL}:metric")}
   seen = set()
   for line in lines:
@@ -133,7 +150,7 @@ def test_local_dry_run_prints_and_runs_nothing(tmp_path, capsys):
   assert folders == [str(tmp_path / "root" / r.name) for r in runs]
   assert not (tmp_path / "root").exists()
   out = capsys.readouterr().out
-  assert out.count("-m eva_jax.main") == 9
+  assert out.count("-m eva_jax.main") == 5 * len(ablation_configs.SEEDS)  # 5 methods
   assert f"--config={ROOT}/configs/ablations.py:selection" in out
 
 
@@ -142,7 +159,8 @@ def test_ablations_dry_run_runs_the_shared_default_once(tmp_path, capsys):
   out = capsys.readouterr().out
   names = [line.split(": ")[0].split("] ")[1] for line in out.splitlines()
            if line.startswith("[sweep")]
-  assert len(names) == len(set(names)) == 3 + 3 + 6 + 6
+  # The default runs once: eva_vs_static's 2 variants, then 7, 4 and 2 more.
+  assert len(names) == len(set(names)) == len(ablation_configs.SEEDS) * (2 + 7 + 4 + 2)
   assert not (tmp_path / "root").exists()
 
 
@@ -203,26 +221,27 @@ def _fake_run(folder, heldout, win_rate, pairs, train_steps):
 
 
 def test_summarizer_on_fake_runs(tmp_path):
-  assert default_config.get_config().iterations == 3  # The fake runs below have 3 iterations.
+  assert ablation_configs.get_config().iterations == 2  # The fake runs below have 2 iterations.
   # eva: gains 0.2, 0.3, 0.1 -> mean 0.2, sample std 0.1; finals 0.3, 0.5, 0.4 -> 0.4 ± 0.1.
-  _fake_run(tmp_path / "seed-0", [0.1, 0.2, 0.25, 0.3], 0.6, [48, 48, 40], range(18))
-  _fake_run(tmp_path / "seed-1", [0.2, 0.3, 0.4, 0.5], 0.7, [48, 48, 40], range(18))
-  # A resumed run: steps 0..5 logged twice still count as 18 updates.
-  _fake_run(tmp_path / "seed-2", [0.3, 0.3, 0.35, 0.4], 0.8, [48, 48, 40],
-            list(range(6)) + list(range(18)))
-  # static: gains 0.05 and 0.15 -> 0.1 ± 0.0707; its seed 2 stopped after 2 iterations.
-  _fake_run(tmp_path / "enabled-False_seed-0", [0.1, 0.1, 0.1, 0.15], 0.5, [48] * 3, range(18))
-  _fake_run(tmp_path / "enabled-False_seed-1", [0.2, 0.2, 0.3, 0.35], 0.4, [48] * 3, range(18))
-  _fake_run(tmp_path / "enabled-False_seed-2", [0.2, 0.2, 0.3], 0.4, [48] * 2, range(12))
+  # Seeds 3 and 4 never ran.
+  _fake_run(tmp_path / "seed-0", [0.1, 0.25, 0.3], 0.6, [48, 40], range(12))
+  _fake_run(tmp_path / "seed-1", [0.2, 0.4, 0.5], 0.7, [48, 40], range(12))
+  # A resumed run: steps 0..5 logged twice still count as 12 updates.
+  _fake_run(tmp_path / "seed-2", [0.3, 0.35, 0.4], 0.8, [48, 40],
+            list(range(6)) + list(range(12)))
+  # static: gains 0.05 and 0.15 -> 0.1 ± 0.0707; its seed 2 stopped after 1 iteration.
+  _fake_run(tmp_path / "enabled-False_seed-0", [0.1, 0.1, 0.15], 0.5, [48] * 2, range(12))
+  _fake_run(tmp_path / "enabled-False_seed-1", [0.2, 0.3, 0.35], 0.4, [48] * 2, range(12))
+  _fake_run(tmp_path / "enabled-False_seed-2", [0.2, 0.3], 0.4, [48], range(6))
 
   ablations.main(["--summarize_only", f"--workdir_root={tmp_path}", "--names=eva_vs_static"])
   table = (tmp_path / "ablations.md").read_text()
   rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()
           if line.startswith("| True") or line.startswith("| False")}
-  assert rows["True"][1:] == ["3/3", "0.400 ± 0.100", "0.200 ± 0.100", "0.700 ± 0.100",
-                              "45.3 ± 0.0", "18.0 ± 0.0 |"]
-  assert rows["False"][1:] == ["2/3", "0.250 ± 0.141", "0.100 ± 0.071", "0.450 ± 0.071",
-                               "48.0 ± 0.0", "18.0 ± 0.0 |"]
+  assert rows["True"][1:] == ["3/5", "0.400 ± 0.100", "0.200 ± 0.100", "0.700 ± 0.100",
+                              "44.0 ± 0.0", "12.0 ± 0.0 |"]
+  assert rows["False"][1:] == ["2/5", "0.250 ± 0.141", "0.100 ± 0.071", "0.450 ± 0.071",
+                               "48.0 ± 0.0", "12.0 ± 0.0 |"]
   assert (tmp_path / "ablations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   saved = json.loads((tmp_path / "ablations.json").read_text())
   assert saved["eva_vs_static"]["field"] == "creator.enabled"
@@ -231,7 +250,12 @@ def test_summarizer_on_fake_runs(tmp_path):
 
 def test_summarizer_with_no_finished_runs_and_bad_names(tmp_path):
   summary = ablations.summarize(str(tmp_path), ["metric"])
-  assert [v["value"] for v in summary["metric"]["variants"]] == ["gap", "var", "mean"]
-  assert "| gap | 0/3 | – | – | – |" in ablations.markdown_table(summary)
+  assert [v["value"] for v in summary["metric"]["variants"]] == [
+      "gap", "var", "mean", "maxmean", "loo", "dts", "gap_inv", "mean_inv"]
+  assert "| gap | 0/5 | – | – | – |" in ablations.markdown_table(summary)
+  # subset varies the selection; its fixed creator.evolve False is not a variant.
+  summary = ablations.summarize(str(tmp_path), ["subset"])
+  assert summary["subset"]["field"] == "creator.selection"
+  assert [v["value"] for v in summary["subset"]["variants"]] == ["weighted", "greedy"]
   with pytest.raises(ValueError, match="unknown sweep 'metrics'"):
     ablations.main(["--summarize_only", f"--workdir_root={tmp_path}", "--names=metrics"])

@@ -102,7 +102,8 @@ class SplitCache(NamedTuple):
 
   prompt_k, prompt_v: [L, B, K, P, E], only read; prompt_positions_BxP / prompt_valid_BxP: per
   prompt slot, its position and whether it holds a real token. gen_k, gen_v: [L, R, K, T', E],
-  generated slot j = the row's j-th generated token, slots [0, num_written) written.
+  generated slot j = the row's j-th generated token, slots [0, num_written) written;
+  num_written is one count for every row, or one per row [R] (the continuous sampler's slots).
   """
   prompt_k: Optional[Array]
   prompt_v: Optional[Array]
@@ -142,8 +143,9 @@ class SplitCache(NamedTuple):
     in_window_BxNxP = (window <= 0) | (q_pos_BxN[:, :, None] - self.prompt_positions_BxP[:, None]
                                        < window)
     prompt_ok = (self.prompt_valid_BxP[:, None] & in_window_BxNxP)[:, :, None, None, :]
-    back_T = self.num_written - jnp.arange(gen_len)
-    gen_ok = ((back_T > 0) & ((window <= 0) | (back_T < window)))[None, None, None, None, :]
+    back_T = jnp.asarray(self.num_written)[..., None] - jnp.arange(gen_len)
+    gen_ok = (back_T > 0) & ((window <= 0) | (back_T < window))
+    gen_ok = jnp.broadcast_to(gen_ok, (r, gen_len)).reshape(b, n, 1, 1, gen_len)
     s_prompt = jnp.where(prompt_ok, s_prompt, NEG_INF)
     s_gen = jnp.where(gen_ok, s_gen, NEG_INF)
     # One softmax over the three parts (the token itself is always visible).

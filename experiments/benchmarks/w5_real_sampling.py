@@ -5,6 +5,9 @@ stopping at EOS (<|im_end|>), temperature 0.7, top-p 0.9 (top-k off on both side
 run the same float32 weights (`eva_jax.models.smollm2.cached_path()`, loaded by `hf.load` and by
 transformers), in chunks of `--batch_size` prompts: ours through `sampling.sample_batched`
 (right-padded), the peer through `generate(num_return_sequences=6)` (left-padded, as it needs).
+With `--continuous`, ours also runs with continuous batching (`eva_jax.continuous`: one pool of
+`--batch_size` x 6 KV-cache slots over all prompts, `--refill` slots refilled at a time), timed
+the same way beside the fixed chunks.
 Prompts are the first ones of the file whose chat-templated length is at most
 `--max_prompt_tokens`.
 
@@ -17,6 +20,7 @@ one after the other, `--repeats` times, best of each. Prints one JSON line.
 
   python experiments/benchmarks/w5_real_sampling.py                       # full size
   python experiments/benchmarks/w5_real_sampling.py --prompts 16 --max_new_tokens 128  # smoke
+  python experiments/benchmarks/w5_real_sampling.py --prompts 8 --batch_size 8 --continuous
 """
 import argparse
 import json
@@ -26,7 +30,7 @@ import time
 import jax
 import numpy as np
 
-from eva_jax import sampling
+from eva_jax import continuous, sampling
 from eva_jax.models import hf, smollm2
 from eva_jax.models.tokenizer import load_tokenizer
 
@@ -65,6 +69,17 @@ def _ours(config, params, tok, ids, args):
           top_p=args.top_p, top_k=0, eos_ids=tok.eos_ids)
       lengths.append(np.asarray(out.lengths).ravel())
     return lengths
+  return run
+
+
+def _ours_continuous(config, params, tok, ids, args):
+  def run():
+    out = continuous.sample_continuous(
+        config, params, ids, rng=jax.random.key(0), slots=args.batch_size * args.samples,
+        refill=args.refill, num_samples=args.samples, max_new_tokens=args.max_new_tokens,
+        pad_id=tok.pad_id, temperature=args.temperature, top_p=args.top_p, top_k=0,
+        eos_ids=tok.eos_ids)
+    return [out.lengths.ravel()]
   return run
 
 
@@ -107,6 +122,10 @@ def main():
   parser.add_argument("--top_p", type=float, default=0.9)
   parser.add_argument("--repeats", type=int, default=1)
   parser.add_argument("--no-peer", action="store_true")
+  parser.add_argument("--continuous", action="store_true",
+                      help="also time continuous batching (eva_jax.continuous)")
+  parser.add_argument("--refill", type=int, default=None,
+                      help="continuous: slots refilled at a time (default: the sampler's)")
   args = parser.parse_args()
 
   path = smollm2.cached_path()
@@ -114,6 +133,8 @@ def main():
   tok = load_tokenizer(path)
   ids = _prompt_ids(tok, args.prompts, args.max_prompt_tokens)
   runs = {"ours": _ours(config, params, tok, ids, args)}
+  if args.continuous:
+    runs["continuous"] = _ours_continuous(config, params, tok, ids, args)
   if not args.no_peer:
     import torch
     import transformers
@@ -124,9 +145,10 @@ def main():
   result = {"workload": "W5", "backend": jax.default_backend(), "prompts": len(ids),
             "samples": args.samples, "max_new_tokens": args.max_new_tokens,
             "mean_prompt_tokens": round(float(np.mean([len(s) for s in ids])), 1)}
-  start = time.perf_counter()
-  runs["ours"]()  # Compiles every shape the timed runs use.
-  result["ours_first_run_s"] = round(time.perf_counter() - start, 1)
+  for name in [n for n in runs if n != "peer"]:
+    start = time.perf_counter()
+    runs[name]()  # Compiles every shape the timed runs use.
+    result[f"{name}_first_run_s"] = round(time.perf_counter() - start, 1)
   best = {}
   for _ in range(args.repeats):
     for name, run in runs.items():
@@ -138,10 +160,15 @@ def main():
         best[name] = (tokens / seconds, seconds, tokens, _wasted_share(lengths))
   for name, (rate, seconds, tokens, wasted) in best.items():
     result.update({f"{name}_tokens_per_s": round(rate, 1), f"{name}_s": round(seconds, 1),
-                   f"{name}_generated_tokens": tokens,
-                   f"{name}_finished_row_step_share": round(wasted, 3)})
+                   f"{name}_generated_tokens": tokens})
+    if name != "continuous":  # Its slots are refilled: no chunk runs to its longest row.
+      result[f"{name}_finished_row_step_share"] = round(wasted, 3)
   if "peer" in best:
     result["ratio"] = round(best["ours"][0] / best["peer"][0], 2)
+  if "continuous" in best:
+    result["continuous_over_ours"] = round(best["continuous"][0] / best["ours"][0], 2)
+    if "peer" in best:
+      result["continuous_over_peer"] = round(best["continuous"][0] / best["peer"][0], 2)
   result["load_average"] = round(os.getloadavg()[0], 1)
   print(json.dumps(result))
 
