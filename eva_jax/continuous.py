@@ -36,8 +36,8 @@ import numpy as np
 
 from eva_jax import models, sharding, token_select
 from eva_jax.models.config import ModelConfig
-from eva_jax.sampling import (MAX_EOS, MIN_PROMPT_BUCKET, SampleOutput, round_up_bucket,
-                              cache_sharding, on_batch)
+from eva_jax.sampling import (MAX_EOS, MIN_PROMPT_BUCKET, SampleOutput, cache_sharding,
+                              on_batch, raise_if_non_finite, round_up_bucket)
 
 # Traces of each jitted program; a test reads it to check the compile count.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -329,12 +329,7 @@ def sample_continuous(config: ModelConfig, params: dict, prompt_ids: Sequence[Se
           state.finished_S & (state.bad_S < 0), state.bad_S)
   store(occupant, held)
 
-  if (out_bad >= 0).any():
-    row = int(np.argmax(out_bad >= 0))
-    raise ValueError(
-        f"sample_continuous: non-finite logits in prompt {row // n} (sample {row % n}) at step "
-        f"{int(out_bad[row])} ({int((out_bad >= 0).sum())} row(s) in all): the model produced "
-        f"NaN or inf, or logits / temperature ({temperature}) overflowed float32")
+  raise_if_non_finite("sample_continuous", out_bad, n, temperature)
   b = len(seqs)
   return SampleOutput(tokens=out_tokens.reshape(b, n, t), lengths=out_lengths.reshape(b, n),
                       logprobs=out_logprobs.reshape(b, n, t),

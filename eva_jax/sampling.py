@@ -194,6 +194,22 @@ def _decode(config: ModelConfig, params: dict, cache: dict, logits_BxV: jax.Arra
 # Host side: validation, bucketing, placement
 
 
+def raise_if_non_finite(caller: str, bad_step_R: np.ndarray, num_samples: int,
+                        temperature: float) -> None:
+  """One error naming the first (prompt, sample) row whose logits were not finite, if any.
+
+  bad_step_R: per row (prompt-major, num_samples rows a prompt) the decode step at which its
+  logits were NaN or inf, -1 for rows that never had any."""
+  bad_R = bad_step_R >= 0
+  if bad_R.any():
+    row = int(np.argmax(bad_R))
+    raise ValueError(
+        f"{caller}: non-finite logits in prompt row {row // num_samples} (sample "
+        f"{row % num_samples}) at step {int(bad_step_R[row])} ({int(bad_R.sum())} row(s) in "
+        f"all): the model produced NaN or inf, or logits / temperature ({temperature}) "
+        "overflowed float32")
+
+
 def round_up_bucket(n: int, minimum: int = 1, multiple: int = 1) -> int:
   """The next power of two >= n (and >= minimum), rounded up to a multiple of `multiple`."""
   size = max(minimum, 1 << max(n - 1, 0).bit_length())
@@ -298,13 +314,7 @@ def sample(config: ModelConfig, params: dict, prompts, prompt_mask, *, rng: jax.
                   mesh=mesh, rules=rules, **flags)
   tokens_RxT, logprobs_RxT, lengths_R, finished_R, bad_step_R = (x[:b * num_samples] for x in out)
   n, t = num_samples, max_new_tokens
-  bad_step_R = sharding.to_host(bad_step_R)
-  if (bad_step_R >= 0).any():
-    row = int(np.argmax(bad_step_R >= 0))
-    raise ValueError(
-        f"sample: non-finite logits in prompt row {row // n} (sample {row % n}) at step "
-        f"{int(bad_step_R[row])} ({int((bad_step_R >= 0).sum())} row(s) in all): the model "
-        f"produced NaN or inf, or logits / temperature ({temperature}) overflowed float32")
+  raise_if_non_finite("sample", sharding.to_host(bad_step_R), n, temperature)
   return SampleOutput(tokens=tokens_RxT.reshape(b, n, t), lengths=lengths_R.reshape(b, n),
                       logprobs=logprobs_RxT.reshape(b, n, t), finished=finished_R.reshape(b, n))
 

@@ -414,7 +414,7 @@ def test_continuous_greedy_matches_fixed_batches(llama):
       if poison in row or fed.size:
         steps[p, n] = 0 if poison in row else int(fed[0]) + 1
   (p, n), step = next(iter(steps.items()))
-  with pytest.raises(ValueError, match=rf"non-finite logits in prompt {p} \(sample {n}\) at "
+  with pytest.raises(ValueError, match=rf"non-finite logits in prompt row {p} \(sample {n}\) at "
                      rf"step {step} \({len(steps)} row\(s\) in all\)"):
     continuous.sample_continuous(config, _nan_token_params(params, poison), ids,
                                  rng=jax.random.key(0), greedy=True, eos_ids=eos, slots=3,
