@@ -35,9 +35,9 @@ tokens at ~1.3 s, so ~28 min per online run: ~65 min per seed, ~5.5 h for 5 seed
 
 Writes into --out, per run <arm>_seed-<s>.json (held-out reward at the final budget, the
 reward-vs-tokens curve, the hardest level's reward and curve, tokens, wall time of this script's
-launches), and online_vs_offline.md (per-seed paired differences, their mean and a 95 % paired
-bootstrap interval: experiments/stats.py) and online_vs_offline.png (held-out reward vs generated
-tokens, one line per arm, mean over seeds).
+launches and the commits they ran), and online_vs_offline.md (per-seed paired differences, their
+mean and a 95 % paired bootstrap interval: experiments/stats.py) and online_vs_offline.png
+(held-out reward vs generated tokens, one line per arm, mean over seeds).
 """
 from __future__ import annotations
 
@@ -83,8 +83,16 @@ def _config(arm: str, smoke: bool, overrides: dict):
   return sweep.apply_overrides(sweep.load_config_module(path).get_config(arg or ""), overrides)
 
 
+def _commit() -> str:
+  """The code a launch ran: HEAD of this checkout, '+dirty' when files differ from it."""
+  git = lambda *a: subprocess.run(["git", *a], cwd=_ROOT, capture_output=True, text=True,  # noqa: E731
+                                  check=False).stdout.strip()
+  head = git("rev-parse", "--short", "HEAD") or "unknown"
+  return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def launch(arm: str, seed: int, folder: str, overrides: dict, smoke: bool, env: dict) -> None:
-  """One `eva_jax.main` run (it resumes in `folder`); adds its wall time to WALL_FILE."""
+  """One `eva_jax.main` run (it resumes in `folder`); adds its wall time and commit to WALL_FILE."""
   cmd = [sys.executable, "-m", "eva_jax.main",
          *sweep.main_args(arm_spec(arm, smoke), folder, overrides)]
   print(f"[{arm} seed {seed}] {shlex.join(cmd)}", flush=True)
@@ -93,9 +101,10 @@ def launch(arm: str, seed: int, folder: str, overrides: dict, smoke: bool, env: 
   if result.returncode:
     raise RuntimeError(f"{arm} seed {seed} failed (exit {result.returncode}); rerun to resume")
   wall = os.path.join(folder, WALL_FILE)
-  spent = _read(wall)["seconds"] if os.path.exists(wall) else 0.0
+  before = _read(wall) if os.path.exists(wall) else {"seconds": 0.0}
+  commits = sorted(set(before.get("commits", [])) | {_commit()})
   with open(wall, "w") as f:
-    json.dump({"seconds": spent + time.perf_counter() - start}, f)
+    json.dump({"seconds": before["seconds"] + time.perf_counter() - start, "commits": commits}, f)
 
 
 # --- reading the runs ---------------------------------------------------------------------------
@@ -318,9 +327,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"{arm} seed {seed}: not finished, left out")
         continue
       wall = os.path.join(folder, WALL_FILE)
+      launches = _read(wall) if os.path.exists(wall) else {}
       result.update(arm=arm, seed=seed, workdir=folder, config=arm_spec(arm, args.smoke),
-                    overrides=overrides,
-                    wall_seconds=_read(wall)["seconds"] if os.path.exists(wall) else None)
+                    overrides=overrides, wall_seconds=launches.get("seconds"),
+                    commits=launches.get("commits"))
       results[arm][seed] = result
       with open(os.path.join(args.out, f"{arm}_seed-{seed}.json"), "w") as f:
         json.dump(result, f, indent=1)
