@@ -1,27 +1,33 @@
-"""Continuous batching: a fixed pool of S decode slots, refilled from a host-side queue.
+"""Continuous batching: decode slots in prompt groups, refilled inside one jitted loop.
 
 `sampling.sample` decodes a batch until its longest row ends, so rows that finished early sit
-idle. Here each slot holds one (prompt, sample) row; when it ends (an eos id or
-max_new_tokens), the next queued row takes the slot. Two jitted programs, both donating the
-KV cache and the slot state so they update in place:
+idle. Here S decode slots form G groups of Z slots (Z <= N, default N). A group holds one
+prompt's KV cache, which its Z slots read without copies: the fixed batches' `models.SplitCache`
+layout (G prompts, Z rows each), so a decode step costs what a fixed batch of S rows costs.
+Rows (prompt, sample) are queued prompt-major in serving order; one `lax.while_loop` (`_decode`)
+runs, under a `lax.cond` on steps where a slot is free and rows are queued:
 
-1. `_refill`: prefills up to G prompts ([G, W], W their width bucket) and copies each prompt's
-   cache into the slots of its queued samples (M slots; with M = N, the default, a refill is
-   one prompt's N rows, so each prompt is prefilled once as in the fixed batches), draws each
-   new row's first token, and hands back what the replaced slots held (their finished rows).
-   Each slot keeps its own copy of its prompt's cache: N times the fixed batches' prompt
-   cache for the same rows (the generated-token cache is the same size).
-2. `_decode`: a `lax.while_loop` of one-token steps over all S slots (`models.sample_step` on
-   a `models.SplitCache` whose generated-token count is per slot). It returns to the host once
-   `refill_at` slots are free (the host passes min(M, rows still queued)), or when every slot
-   is done.
+- refill: a free slot takes the next queued row when that row is of its group's prompt; a group
+  whose slots are all free first takes the next queued row's prompt (its prefilled KV cache is
+  copied in from a table, once per group and prompt). New rows draw their first token from their
+  prompt's prefill logits.
 
-The host loop alternates the two; the compiles are one `_decode` and one `_refill` per prompt
-width bucket. Keys: row (p, n) draws token j with fold_in(fold_in(fold_in(rng, p), n), j), so
-the output does not depend on the slot count, the refill size or the order prompts are served.
+and then, on every step, one token for every slot (`models.sample_step` with per-slot
+generated-token counts), written straight into the output rows. With Z = N a group takes a new
+prompt when its prompt's longest sample ends; Z < N refills within a prompt row by row, with more
+groups (and prompt caches) for the same slots.
 
-Axis letters: S slots, P prompt width (bucket of the longest prompt), W a refill's prompt
-width, G prompts per refill, M slots per refill, T new tokens, V vocabulary.
+Prompts are prefilled C at a time (`_prefill`, a chunk; default C = G, so the table is the size
+of the groups' cache) into that table; the loop returns to the host only when a chunk's queue is
+drained and a group wants a prompt (the host prefills the next chunk), or when every row is done.
+Compiles: one `_decode`, and one `_prefill` per chunk width bucket.
+
+Keys: row (p, n) draws token j with fold_in(fold_in(fold_in(rng, p), n), j), so the output does
+not depend on the slot count, the group size, the chunking or the order prompts are served.
+
+Axis letters: S slots, G groups, Z slots per group, C prompts per chunk (table entries), P prompt
+width (bucket of the longest prompt), W a chunk's prompt width, R = prompts x N output rows (in
+serving order), T new tokens, V vocabulary.
 """
 from __future__ import annotations
 
@@ -43,36 +49,61 @@ from eva_jax.sampling import (MAX_EOS, MIN_PROMPT_BUCKET, SampleOutput, cache_sh
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
-class Slots(NamedTuple):
-  """Per-slot decode state (leading axis S) and the row it is writing."""
+class Table(NamedTuple):
+  """C prefilled prompts (a chunk), in the order they are served."""
+  k: jax.Array  # [L, C, K, P, E], the prompt cache layout of `models.SplitCache`.
+  v: jax.Array
+  positions_CxP: jax.Array  # int32
+  valid_CxP: jax.Array  # bool
+  length_C: jax.Array  # int32, prompt tokens.
+  logits_CxV: jax.Array  # float32, the last prompt token's logits.
+  prompt_C: jax.Array  # int32, the prompt's index in the caller's list (its key).
+
+
+class State(NamedTuple):
+  """What the decode loop carries between calls: per slot (S), per group (G), per row (R)."""
   prev_S: jax.Array  # int32, the last token drawn: it goes in at the next step.
   count_S: jax.Array  # int32, tokens drawn so far.
   done_S: jax.Array  # bool, no live row (ended, stopped, or never filled).
-  finished_S: jax.Array  # bool, the row ended with an eos id.
-  bad_S: jax.Array  # int32, the step of non-finite logits, else -1.
+  bad_S: jax.Array  # bool, the row stopped on non-finite logits (its cache may hold NaN).
+  row_S: jax.Array  # int32, the output row (serving order), R for none.
   key_data_S: jax.Array  # uint32, the row's PRNG key data.
-  prompt_len_S: jax.Array  # int32
-  prompt_positions_SxP: jax.Array  # int32
-  prompt_valid_SxP: jax.Array  # bool
-  tokens_SxT: jax.Array  # int32, pad after the end.
-  logprobs_SxT: jax.Array  # float32, 0 after the end.
+  served_G: jax.Array  # int32, the serving index of the group's prompt, -1 for none.
+  positions_GxP: jax.Array  # int32
+  valid_GxP: jax.Array  # bool
+  length_G: jax.Array  # int32
+  next_row: jax.Array  # int32 scalar, the first queued row.
+  tokens_RxT: jax.Array  # int32, pad after the end.
+  logprobs_RxT: jax.Array  # float32, 0 after the end.
+  lengths_R: jax.Array  # int32
+  finished_R: jax.Array  # bool, ended with an eos id.
+  bad_R: jax.Array  # int32, the step of non-finite logits, else -1.
 
 
-def _empty_slots(slots: int, width: int, max_new_tokens: int, key_shape, pad_id: int) -> Slots:
-  s, t = slots, max_new_tokens
-  return Slots(jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.int32), jnp.ones((s,), bool),
-               jnp.zeros((s,), bool), jnp.full((s,), -1, jnp.int32),
-               jnp.zeros((s, *key_shape), jnp.uint32), jnp.ones((s,), jnp.int32),
-               jnp.zeros((s, width), jnp.int32), jnp.zeros((s, width), bool),
-               jnp.full((s, t), pad_id, jnp.int32), jnp.zeros((s, t), jnp.float32))
+# The fields with a slot or group axis first: on the batch shards under a mesh.
+_BATCHED = tuple(f for f in State._fields if f.endswith(("_S", "_G", "_GxP")))
 
 
-def _place(cache: dict, slots: Slots, mesh, rules):
+def _init_state(groups: int, size: int, width: int, rows: int, max_new_tokens: int, key_shape,
+                pad_id: int) -> State:
+  s, g, r, t = groups * size, groups, rows, max_new_tokens
+  return State(jnp.zeros((s,), jnp.int32), jnp.zeros((s,), jnp.int32), jnp.ones((s,), bool),
+               jnp.zeros((s,), bool), jnp.full((s,), r, jnp.int32),
+               jnp.zeros((s, *key_shape), jnp.uint32), jnp.full((g,), -1, jnp.int32),
+               jnp.zeros((g, width), jnp.int32), jnp.zeros((g, width), bool),
+               jnp.ones((g,), jnp.int32), jnp.zeros((), jnp.int32),
+               jnp.full((r, t), pad_id, jnp.int32), jnp.zeros((r, t), jnp.float32),
+               jnp.zeros((r,), jnp.int32), jnp.zeros((r,), bool), jnp.full((r,), -1, jnp.int32))
+
+
+def _place(tree, mesh, rules):
+  """The KV caches on their sharding, and the slot/group axes on the batch shards."""
   if mesh is None:
-    return cache, slots
+    return tree
+  cache, state = tree
   cache = jax.tree.map(
       lambda c: jax.lax.with_sharding_constraint(c, cache_sharding(c.shape, mesh, rules)), cache)
-  return cache, Slots(*(on_batch(x, mesh) for x in slots))
+  return cache, state._replace(**{f: on_batch(getattr(state, f), mesh) for f in _BATCHED})
 
 
 def _selector(temperature, top_p, top_k, greedy, nucleus):
@@ -85,81 +116,148 @@ def _step_keys(key_data_S, count_S, impl):
       key_data_S, count_S)
 
 
-@functools.partial(jax.jit, donate_argnames=("cache", "slots"), static_argnames=(
-    "config", "impl", "pad_id", "top_k", "greedy", "nucleus", "mesh", "rules"))
-def _refill(config: ModelConfig, params: dict, cache: dict, slots: Slots, prompts_GxW, mask_GxW,
-            slot_M, group_M, prompt_M, sample_M, rng_data, eos_E, temperature, top_p, *,
-            impl: str, pad_id: int, top_k: int, greedy: bool, nucleus: bool, mesh,
+@functools.partial(jax.jit, static_argnames=("config", "width", "cache_dtype"))
+def _prefill(config: ModelConfig, params: dict, prompts_CxW, mask_CxW, prompt_C, *,
+             width: int, cache_dtype) -> Table:
+  """Runs C prompts once -> their Table, padded to `width` slots."""
+  TRACE_COUNTS["prefill"] += 1
+  c, w = prompts_CxW.shape
+  valid_CxW = mask_CxW.astype(bool)
+  positions_CxW = models.positions_from_mask(mask_CxW)
+  cache = models.init_cache(config, c, w, cache_dtype)
+  hidden_CxWxD, cache = models.decode_step(config, params, prompts_CxW, positions_CxW, cache, 0,
+                                           positions_CxW, valid_CxW)
+  last_C = w - 1 - jnp.argmax(valid_CxW[:, ::-1], axis=-1)
+  hidden_CxD = jnp.take_along_axis(hidden_CxWxD, last_C[:, None, None], axis=1)[:, 0]
+  logits_CxV = models.logits_from_hidden(config, params, hidden_CxD)
+  pad = lambda x, axis: jnp.pad(x, [(0, width - w if i == axis else 0) for i in range(x.ndim)])
+  # [L, C, W, K, E] -> [L, C, K, P, E]
+  kv = {name: pad(jnp.swapaxes(x, 2, 3), 3) for name, x in cache.items()}
+  return Table(kv["k"], kv["v"], pad(positions_CxW, 1), pad(valid_CxW, 1),
+               valid_CxW.sum(-1).astype(jnp.int32), logits_CxV, prompt_C)
+
+
+def _refill(cache: dict, st: State, table: Table, first, end_row, rng, eos_E, select, *,
+            num_samples: int, impl: str, pad_id: int, max_new_tokens: int):
+  """Free slots take queued rows (groups take prompts first where they must) and draw their
+  first tokens -> (cache, state). Rows `first * N` on are in the table; `end_row` ends them."""
+  n, t = num_samples, max_new_tokens
+  g_count = st.served_G.shape[0]
+  s = st.done_S.shape[0]
+  z = s // g_count
+
+  # Groups in turn, as the queue is: a few scalar ops each, the cache untouched.
+  def assign(g, carry):
+    next_row, served_G, switch_G, row_S, new_S = carry
+    free_Z = jax.lax.dynamic_slice(st.done_S, (g * z,), (z,))
+    queued = next_row < end_row
+    wanted = next_row // n
+    switch = queued & free_Z.all() & (served_G[g] != wanted)
+    served_G = served_G.at[g].set(jnp.where(switch, wanted, served_G[g]))
+    available = jnp.where(queued & (served_G[g] == wanted), (wanted + 1) * n - next_row, 0)
+    rank_Z = jnp.cumsum(free_Z) - 1
+    take_Z = free_Z & (rank_Z < available)
+    row_S = jax.lax.dynamic_update_slice(row_S, jnp.where(
+        take_Z, next_row + rank_Z, jax.lax.dynamic_slice(row_S, (g * z,), (z,))), (g * z,))
+    new_S = jax.lax.dynamic_update_slice(new_S, take_Z, (g * z,))
+    return (next_row + jnp.minimum(free_Z.sum(), available), served_G, switch_G.at[g].set(switch),
+            row_S, new_S)
+
+  next_row, served_G, switch_G, row_S, new_S = jax.lax.fori_loop(
+      0, g_count, assign, (st.next_row, st.served_G, jnp.zeros((g_count,), bool), st.row_S,
+                           jnp.zeros((s,), bool)))
+
+  # Switched groups copy their prompt in (a while loop over them only: in place).
+  switched_G = jnp.argsort(~switch_G, stable=True)
+  entry_G = jnp.clip(served_G - first, 0, table.length_C.shape[0] - 1)
+
+  def copy(state):
+    i, prompt_cache = state
+    g, e = switched_G[i], entry_G[switched_G[i]]
+    prompt_cache = {name: jax.lax.dynamic_update_slice(
+        c, jax.lax.dynamic_index_in_dim(getattr(table, name), e, 1), (0, g, 0, 0, 0))
+        for name, c in prompt_cache.items()}
+    return i + 1, prompt_cache
+
+  _, prompt = jax.lax.while_loop(lambda state: state[0] < switch_G.sum(), copy,
+                                 (0, cache["prompt"]))
+  pick = lambda old, new: jnp.where(switch_G.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+  positions_GxP = pick(st.positions_GxP, table.positions_CxP[entry_G])
+  valid_GxP = pick(st.valid_GxP, table.valid_CxP[entry_G])
+  length_G = pick(st.length_G, table.length_C[entry_G])
+
+  # A slot whose last row stopped on NaN may hold NaN keys/values: masked, but 0 x NaN = NaN.
+  wipe_S = jnp.argsort(~(new_S & st.bad_S), stable=True)
+
+  def wipe(state):
+    i, generated = state
+    generated = {name: jax.lax.dynamic_update_slice(
+        c, jnp.zeros_like(jax.lax.dynamic_index_in_dim(c, wipe_S[i], 1)), (0, wipe_S[i], 0, 0, 0))
+        for name, c in generated.items()}
+    return i + 1, generated
+
+  _, generated = jax.lax.while_loop(lambda state: state[0] < (new_S & st.bad_S).sum(), wipe,
+                                    (0, cache["generated"]))
+
+  served_S = jnp.clip(row_S // n, 0, st.tokens_RxT.shape[0] // n - 1)
+  entry_S = jnp.clip(served_S - first, 0, table.length_C.shape[0] - 1)
+  root = jax.random.wrap_key_data(rng, impl=impl)
+  key_data_S = jax.vmap(lambda q, j: jax.random.key_data(jax.random.fold_in(
+      jax.random.fold_in(root, q), j)))(table.prompt_C[entry_S], row_S % n)
+  key_data_S = jnp.where(new_S.reshape((-1,) + (1,) * (key_data_S.ndim - 1)), key_data_S,
+                         st.key_data_S)
+  token_S, logprob_S = select(table.logits_CxV[entry_S],
+                              _step_keys(key_data_S, jnp.zeros_like(row_S), impl))
+  bad_S = new_S & (token_S < 0)
+  eos_S = new_S & ~bad_S & (token_S[:, None] == eos_E[None, :]).any(-1)
+  keep_S = new_S & ~bad_S
+  out_S = jnp.where(new_S, row_S, st.tokens_RxT.shape[0])  # Row R: dropped.
+  st = st._replace(
+      prev_S=jnp.where(keep_S, token_S, st.prev_S), count_S=jnp.where(new_S, keep_S, st.count_S),
+      done_S=jnp.where(new_S, bad_S | eos_S | (t == 1), st.done_S),
+      bad_S=jnp.where(new_S, bad_S, st.bad_S), row_S=row_S, key_data_S=key_data_S,
+      served_G=served_G, positions_GxP=positions_GxP, valid_GxP=valid_GxP, length_G=length_G,
+      next_row=next_row,
+      tokens_RxT=st.tokens_RxT.at[out_S, 0].set(jnp.where(keep_S, token_S, pad_id), mode="drop"),
+      logprobs_RxT=st.logprobs_RxT.at[out_S, 0].set(jnp.where(keep_S, logprob_S, 0.0),
+                                                    mode="drop"),
+      lengths_R=st.lengths_R.at[out_S].set(keep_S, mode="drop"),
+      finished_R=st.finished_R.at[out_S].set(eos_S, mode="drop"),
+      bad_R=st.bad_R.at[out_S].set(jnp.where(bad_S, 0, -1), mode="drop"))
+  return {"prompt": prompt, "generated": generated}, st
+
+
+@functools.partial(jax.jit, donate_argnames=("cache", "state"), static_argnames=(
+    "config", "num_samples", "impl", "pad_id", "top_k", "greedy", "nucleus", "mesh", "rules"))
+def _decode(config: ModelConfig, params: dict, cache: dict, state: State, table: Table, first,
+            end_row, last_chunk, rng, eos_E, temperature, top_p, *, num_samples: int, impl: str,
+            pad_id: int, top_k: int, greedy: bool, nucleus: bool, mesh,
             rules=sharding.DEFAULT_RULES):
-  """Prefills G prompts into M slots (slot id S = unused entry) -> (cache, slots, what the M
-  slots held before: (tokens [M, T], logprobs [M, T], lengths [M], finished [M], bad [M]))."""
-  TRACE_COUNTS["refill"] += 1
-  s, p = slots.prompt_valid_SxP.shape
-  t = slots.tokens_SxT.shape[1]
-  g, w = prompts_GxW.shape
-  old = jnp.minimum(slot_M, s - 1)
-  evicted = (slots.tokens_SxT[old], slots.logprobs_SxT[old], slots.count_S[old],
-             slots.finished_S[old] & (slots.bad_S[old] < 0), slots.bad_S[old])
-
-  valid_GxW = mask_GxW.astype(bool)
-  positions_GxW = models.positions_from_mask(mask_GxW)
-  prompt_cache = models.init_cache(config, g, w, cache["prompt"]["k"].dtype)
-  hidden_GxWxD, prompt_cache = models.decode_step(config, params, prompts_GxW, positions_GxW,
-                                                  prompt_cache, 0, positions_GxW, valid_GxW)
-  last_G = w - 1 - jnp.argmax(valid_GxW[:, ::-1], axis=-1)
-  hidden_GxD = jnp.take_along_axis(hidden_GxWxD, last_G[:, None, None], axis=1)[:, 0]
-  logits_MxV = models.logits_from_hidden(config, params, hidden_GxD)[group_M]
-  # [L, G, W, K, E] -> the slot layout [L, M, K, P, E], then into the M slots.
-  put = lambda c, new: c.at[:, slot_M].set(jnp.pad(
-      jnp.swapaxes(new, 2, 3)[:, group_M], ((0, 0),) * 3 + ((0, p - w), (0, 0))), mode="drop")
-  # The generated slots are masked until written, but a masked NaN left by a stopped row would
-  # still reach the output (0 x NaN): start each row from zeros, as the fixed batches do.
-  cache = {"prompt": jax.tree.map(put, cache["prompt"], prompt_cache), "generated": jax.tree.map(
-      lambda c: c.at[:, slot_M].set(0, mode="drop"), cache["generated"])}
-
-  rng = jax.random.wrap_key_data(rng_data, impl=impl)
-  key_data_M = jax.vmap(lambda i, n: jax.random.key_data(
-      jax.random.fold_in(jax.random.fold_in(rng, i), n)))(prompt_M, sample_M)
-  select = _selector(temperature, top_p, top_k, greedy, nucleus)
-  token_M, logprob_M = select(logits_MxV, _step_keys(key_data_M, jnp.zeros_like(slot_M), impl))
-  bad_M = token_M < 0
-  eos_M = ~bad_M & (token_M[:, None] == eos_E[None, :]).any(-1)
-  token_M = jnp.where(bad_M, pad_id, token_M)
-  row_MxT = jnp.full((slot_M.shape[0], t), pad_id, jnp.int32).at[:, 0].set(token_M)
-  lp_MxT = jnp.zeros((slot_M.shape[0], t), jnp.float32).at[:, 0].set(
-      jnp.where(bad_M, 0.0, logprob_M))
-  pad_cols = ((0, 0), (0, p - w))
-  new = Slots(token_M, (~bad_M).astype(jnp.int32), bad_M | eos_M | (t == 1), eos_M,
-              jnp.where(bad_M, 0, -1), key_data_M, valid_GxW.sum(-1)[group_M],
-              jnp.pad(positions_GxW, pad_cols)[group_M], jnp.pad(valid_GxW, pad_cols)[group_M],
-              row_MxT, lp_MxT)
-  slots = Slots(*(x.at[slot_M].set(y.astype(x.dtype), mode="drop") for x, y in zip(slots, new)))
-  cache, slots = _place(cache, slots, mesh, rules)
-  return cache, slots, evicted
-
-
-@functools.partial(jax.jit, donate_argnames=("cache", "slots"), static_argnames=(
-    "config", "impl", "pad_id", "top_k", "greedy", "nucleus", "mesh", "rules"))
-def _decode(config: ModelConfig, params: dict, cache: dict, slots: Slots, refill_at, eos_E,
-            temperature, top_p, *, impl: str, pad_id: int, top_k: int, greedy: bool,
-            nucleus: bool, mesh, rules=sharding.DEFAULT_RULES):
-  """One-token steps over every slot until `refill_at` slots are done or all are ->
-  (cache, slots)."""
+  """Refills and one-token steps until every row is done, or (unless `last_chunk`) until the
+  chunk's rows [first * N, end_row) are all taken and a group wants a prompt -> (cache, state)."""
   TRACE_COUNTS["decode"] += 1
-  s, t = slots.tokens_SxT.shape
+  s = state.done_S.shape[0]
+  g_count = state.served_G.shape[0]
+  r, t = state.tokens_RxT.shape
   gen_len = cache["generated"]["k"].shape[3]
   slot_ids = jnp.arange(s)
   select = _selector(temperature, top_p, top_k, greedy, nucleus)
+  refill = functools.partial(_refill, table=table, first=first, end_row=end_row, rng=rng,
+                             eos_E=eos_E, select=select, num_samples=num_samples, impl=impl,
+                             pad_id=pad_id, max_new_tokens=t)
 
-  def body(state):
-    cache, st = state
+  def body(carry):
+    cache, st = carry
+    cache, st = jax.lax.cond(st.done_S.any() & (st.next_row < end_row),
+                             lambda c: refill(*c), lambda c: c, (cache, st))
     # Token count - 1 goes in; its keys/values land in generated slot count - 1.
     written_S = st.count_S - 1
     split = models.SplitCache(cache["prompt"]["k"], cache["prompt"]["v"],
                               cache["generated"]["k"], cache["generated"]["v"],
-                              st.prompt_positions_SxP, st.prompt_valid_SxP, written_S)
-    hidden_SxD, new_kv = models.sample_step(config, params, st.prev_S,
-                                            st.prompt_len_S + written_S, split)
+                              st.positions_GxP, st.valid_GxP, written_S)
+    length_S = jnp.repeat(st.length_G, s // g_count)
+    hidden_SxD, new_kv = models.sample_step(config, params, st.prev_S, length_S + written_S,
+                                            split)
     column_S = jnp.clip(written_S, 0, gen_len - 1)  # Done slots write harmlessly in range.
     cache = dict(cache, generated=jax.tree.map(
         lambda c, kv: c.at[:, slot_ids, :, column_S].set(jnp.swapaxes(kv, 0, 1)),
@@ -169,28 +267,33 @@ def _decode(config: ModelConfig, params: dict, cache: dict, slots: Slots, refill
     live_S = ~st.done_S
     bad_S = live_S & (token_S < 0)
     keep_S = live_S & ~bad_S
-    at_S = jnp.where(keep_S, st.count_S, t)  # Column t: dropped.
     eos_S = keep_S & (token_S[:, None] == eos_E[None, :]).any(-1)
     count_S = st.count_S + keep_S
+    out_S = jnp.where(live_S, st.row_S, r)  # Row R: dropped.
+    at_S = jnp.where(keep_S, st.count_S, t)  # Column T: dropped.
     st = st._replace(
         prev_S=jnp.where(keep_S, token_S, st.prev_S), count_S=count_S,
-        done_S=st.done_S | bad_S | eos_S | (count_S >= t), finished_S=st.finished_S | eos_S,
-        bad_S=jnp.where(bad_S, st.count_S, st.bad_S),
-        tokens_SxT=st.tokens_SxT.at[slot_ids, at_S].set(token_S, mode="drop"),
-        logprobs_SxT=st.logprobs_SxT.at[slot_ids, at_S].set(logprob_S, mode="drop"))
-    return _place(cache, st, mesh, rules)
+        done_S=st.done_S | bad_S | eos_S | (count_S >= t), bad_S=st.bad_S | bad_S,
+        tokens_RxT=st.tokens_RxT.at[out_S, at_S].set(token_S, mode="drop"),
+        logprobs_RxT=st.logprobs_RxT.at[out_S, at_S].set(logprob_S, mode="drop"),
+        lengths_R=st.lengths_R.at[out_S].set(count_S, mode="drop"),
+        finished_R=st.finished_R.at[out_S].set(eos_S, mode="drop"),
+        bad_R=st.bad_R.at[jnp.where(bad_S, out_S, r)].set(st.count_S, mode="drop"))
+    return _place((cache, st), mesh, rules)
 
-  def cond(state):
-    done_S = state[1].done_S
-    return ~done_S.all() & (done_S.sum() < refill_at)
+  def cond(carry):
+    st = carry[1]
+    queued = st.next_row < end_row
+    group_free = st.done_S.reshape(g_count, -1).all(-1).any()
+    return (queued | ~st.done_S.all()) & (queued | last_chunk | ~group_free)
 
-  return jax.lax.while_loop(cond, body, (cache, slots))
+  return jax.lax.while_loop(cond, body, (cache, state))
 
 
-def _check(config: ModelConfig, prompt_ids, num_samples, max_new_tokens, slots, refill,
+def _check(config: ModelConfig, prompt_ids, num_samples, max_new_tokens, slots, group, chunk,
            order) -> list[np.ndarray]:
   for name, value in [("num_samples", num_samples), ("max_new_tokens", max_new_tokens),
-                      ("slots", slots), ("refill", refill)]:
+                      ("slots", slots), ("group", group), ("chunk", chunk)]:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(f"sample_continuous: {name} must be an int >= 1, got {value!r}")
   if not len(prompt_ids):
@@ -214,28 +317,29 @@ def _check(config: ModelConfig, prompt_ids, num_samples, max_new_tokens, slots, 
 
 def sample_continuous(config: ModelConfig, params: dict, prompt_ids: Sequence[Sequence[int]],
                       *, rng: jax.Array, num_samples: int, max_new_tokens: int, slots: int,
-                      refill: Optional[int] = None, order: Optional[Sequence[int]] = None,
-                      pad_id: int = 0, temperature: float = 1.0, top_p: float = 1.0,
-                      top_k: int = 0, eos_ids: Optional[Sequence[int]] = None,
-                      greedy: bool = False, cache_dtype=None, mesh=None,
-                      rules=sharding.DEFAULT_RULES,
+                      group: Optional[int] = None, chunk: Optional[int] = None,
+                      order: Optional[Sequence[int]] = None, pad_id: int = 0,
+                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                      eos_ids: Optional[Sequence[int]] = None, greedy: bool = False,
+                      cache_dtype=None, mesh=None, rules=sharding.DEFAULT_RULES,
                       on_prompt: Optional[Callable[[int], None]] = None) -> SampleOutput:
-  """`num_samples` responses per token-id prompt through `slots` KV-cache rows; see the module
-  docstring. Returns a SampleOutput of NumPy arrays ([P, N, T] tokens, ...) in prompt order,
-  as `sampling.sample_batched` does; the sampling arguments are `sampling.sample`'s.
+  """`num_samples` responses per token-id prompt through about `slots` KV-cache rows; see the
+  module docstring. Returns a SampleOutput of NumPy arrays ([P, N, T] tokens, ...) in prompt
+  order, as `sampling.sample_batched` does; the sampling arguments are `sampling.sample`'s.
 
-  refill: slots refilled per `_refill` call, and the free slots that end a decode run (default
-    num_samples: each refill is one prompt's N rows, so each prompt is prefilled once; rows
-    are queued prompt-major and refilled in full groups, so a multiple of num_samples keeps
-    that true).
+  slots: decode rows, rounded up to whole groups (and to the mesh's batch multiple of groups).
+  group: slots per prompt group, Z (default and at most num_samples).
+  chunk: prompts prefilled at a time, C (default: the number of groups).
   order: the order prompts are served (a permutation of their indices; default as given). It
     changes no output: serve long prompts first, say.
-  on_prompt(1) is called as each prompt's last row ends (a progress bar's `update`).
+  on_prompt(k) is called with the number of prompts whose rows have all ended, each time the
+  decode loop returns to the host (a progress bar's `update`).
   """
   if config.is_reward_model:
     raise ValueError("sample_continuous: config is a reward model; it has no LM head")
-  refill = num_samples if refill is None else refill
-  seqs = _check(config, prompt_ids, num_samples, max_new_tokens, slots, refill, order)
+  n, t = num_samples, max_new_tokens
+  group = n if group is None else group
+  seqs = _check(config, prompt_ids, n, t, slots, group, 1 if chunk is None else chunk, order)
   token_select.check_args(temperature, top_p, top_k)
   eos = tuple(int(i) for i in (config.eos_token_ids if eos_ids is None else eos_ids))
   if len(eos) > MAX_EOS or any(not 0 <= i < config.vocab_size for i in eos):
@@ -243,94 +347,69 @@ def sample_continuous(config: ModelConfig, params: dict, prompt_ids: Sequence[Se
                      f"{config.vocab_size}), got {eos}")
   if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.wrap_key_data(rng)  # A raw uint32 key (jax.random.PRNGKey).
-  n, t = num_samples, max_new_tokens
   multiple = 1 if mesh is None else sharding.batch_multiple(mesh)
-  num_slots = round_up_bucket(slots, 1, multiple) if slots % multiple else slots
-  m = min(-(-refill // multiple) * multiple, num_slots)
-  # Prompts that M consecutive queued rows can span (M full groups from an aligned start).
-  groups = m // n if m % n == 0 else -(-(m - 1) // n) + 1
-  groups = -(-groups // multiple) * multiple
+  z = min(group, n)
+  g = -(-slots // z)
+  g = -(-g // multiple) * multiple
+  c = -(-(chunk or g) // multiple) * multiple
+  served = [int(i) for i in (range(len(seqs)) if order is None else order)]
   width = round_up_bucket(max(map(len, seqs)), MIN_PROMPT_BUCKET)
+  rows = len(seqs) * n
 
   eos_E = np.full((MAX_EOS,), -1, np.int32)
   eos_E[:len(eos)] = eos
   flags = token_select.static_flags(config.vocab_size, temperature, top_p, top_k, greedy)
-  static = dict(impl=str(jax.random.key_impl(rng)), pad_id=pad_id, mesh=mesh, rules=rules,
-                **flags)
+  static = dict(num_samples=n, impl=str(jax.random.key_impl(rng)), pad_id=pad_id, mesh=mesh,
+                rules=rules, **flags)
   sel = (jnp.float32(temperature if temperature > 0 else 1.0), jnp.float32(top_p))
   dtype = jnp.dtype(cache_dtype or config.dtype)
-  # Each slot holds its own copy of its prompt's cache, in the generated cache's layout.
-  cache = {"prompt": models.init_generated_cache(config, num_slots, width, dtype),
-           "generated": models.init_generated_cache(config, num_slots, max(t - 1, 1), dtype)}
-  state = _empty_slots(num_slots, width, t, jax.random.key_data(rng).shape, pad_id)
+  cache = {"prompt": models.init_generated_cache(config, g, width, dtype),
+           "generated": models.init_generated_cache(config, g * z, max(t - 1, 1), dtype)}
+  state = _init_state(g, z, width, rows, t, jax.random.key_data(rng).shape, pad_id)
   ctx = (sharding.activation_rules(mesh, rules) if mesh is not None
          else contextlib.nullcontext())
   if mesh is not None:
     cache = jax.tree.map(
-        lambda c: sharding.put_global(c, cache_sharding(c.shape, mesh, rules)), cache)
-    state = sharding.shard_batch(state, mesh)
+        lambda x: sharding.put_global(x, cache_sharding(x.shape, mesh, rules)), cache)
+    state = state._replace(**sharding.shard_batch({f: getattr(state, f) for f in _BATCHED},
+                                                  mesh))
 
-  out_tokens = np.full((len(seqs) * n, t), pad_id, np.int32)
-  out_logprobs = np.zeros((len(seqs) * n, t), np.float32)
-  out_lengths = np.zeros((len(seqs) * n,), np.int32)
-  out_finished = np.zeros((len(seqs) * n,), bool)
-  out_bad = np.full((len(seqs) * n,), -1, np.int32)
-  rows_left = [n] * len(seqs)
-
-  def store(rows, held):
-    held = [sharding.to_host(x) for x in held]
-    for i, row in enumerate(rows):
-      if row is not None:
-        out_tokens[row], out_logprobs[row], out_lengths[row], out_finished[row], \
-            out_bad[row] = (x[i] for x in held)
-        rows_left[row // n] -= 1
-        if on_prompt is not None and not rows_left[row // n]:
-          on_prompt(1)
-
-  def index(values, fill):  # M entries, the unused ones `fill`.
-    return np.array(values + [fill] * (m - len(values)), np.int32)
-
-  queue = collections.deque((int(p), j) for p in (range(len(seqs)) if order is None else order)
-                            for j in range(n))
-  occupant = [None] * num_slots
-  done = np.ones(num_slots, bool)
-  pending = []
+  reported = 0
   with ctx:
-    while True:
-      free = [i for i in range(num_slots) if done[i]]
-      # Full groups of M while the queue lasts, so a multiple of N stays aligned to prompts.
-      while queue and len(free) >= min(m, len(queue)):
-        rows = [queue.popleft() for _ in range(min(m, len(free), len(queue)))]
-        take, free = free[:len(rows)], free[len(rows):]
-        prompts = list(dict.fromkeys(p for p, _ in rows))
-        w = min(round_up_bucket(max(len(seqs[p]) for p in prompts), MIN_PROMPT_BUCKET), width)
-        tokens_GxW = np.zeros((groups, w), np.int32)
-        mask_GxW = np.zeros((groups, w), np.int32)
-        mask_GxW[:, 0] = 1  # Unused groups: one-token prompts nobody reads.
-        for g, p in enumerate(prompts):
-          tokens_GxW[g, :len(seqs[p])], mask_GxW[g, :len(seqs[p])] = seqs[p], 1
-        cache, state, held = _refill(
-            config, params, cache, state, tokens_GxW, mask_GxW, index(take, num_slots),
-            index([prompts.index(p) for p, _ in rows], 0), index([p for p, _ in rows], 0),
-            index([j for _, j in rows], 0), jax.random.key_data(rng), eos_E, *sel, **static)
-        pending.append(([occupant[i] for i in take], held))
-        for i, (p, j) in zip(take, rows):
-          occupant[i], done[i] = p * n + j, False
-      if not queue and done.all():
-        break
-      refill_at = min(m, len(queue)) if queue else num_slots + 1
-      cache, state = _decode(config, params, cache, state, np.int32(refill_at), eos_E, *sel,
-                             **static)
-      for rows, held in pending:  # Ready by now: the decode run was queued after them.
-        store(rows, held)
-      pending = []
-      done = np.array(sharding.to_host(state.done_S))
-  held = (state.tokens_SxT, state.logprobs_SxT, state.count_S,
-          state.finished_S & (state.bad_S < 0), state.bad_S)
-  store(occupant, held)
+    for first in range(0, len(served), c):
+      part = served[first:first + c]
+      w = min(round_up_bucket(max(len(seqs[p]) for p in part), MIN_PROMPT_BUCKET), width)
+      tokens_CxW = np.zeros((c, w), np.int32)
+      mask_CxW = np.zeros((c, w), np.int32)
+      mask_CxW[:, 0] = 1  # Unused entries: one-token prompts nobody reads.
+      for i, p in enumerate(part):
+        tokens_CxW[i, :len(seqs[p])], mask_CxW[i, :len(seqs[p])] = seqs[p], 1
+      prompt_C = np.array(part + [0] * (c - len(part)), np.int32)
+      if mesh is not None:
+        tokens_CxW, mask_CxW, prompt_C = sharding.shard_batch((tokens_CxW, mask_CxW, prompt_C),
+                                                              mesh)
+      table = _prefill(config, params, tokens_CxW, mask_CxW, prompt_C, width=width,
+                       cache_dtype=dtype.name)
+      end_row = (first + len(part)) * n
+      cache, state = _decode(config, params, cache, state, table, np.int32(first),
+                             np.int32(end_row), np.bool_(end_row == rows),
+                             jax.random.key_data(rng), eos_E, *sel, **static)
+      if on_prompt is not None:
+        # Rows below the queue that no slot is writing have ended.
+        live = sharding.to_host(state.row_S)[~sharding.to_host(state.done_S)]
+        first_live = int(live.min()) if live.size else rows
+        ended = min(first_live, int(sharding.to_host(state.next_row))) // n
+        if ended > reported:
+          on_prompt(ended - reported)
+          reported = ended
 
-  raise_if_non_finite("sample_continuous", out_bad, n, temperature)
+  out = [sharding.to_host(x) for x in (state.tokens_RxT, state.logprobs_RxT, state.lengths_R,
+                                       state.finished_R, state.bad_R)]
+  # Serving order -> prompt order.
+  index_R = (np.argsort(served)[:, None] * n + np.arange(n)).reshape(-1)
+  tokens_RxT, logprobs_RxT, lengths_R, finished_R, bad_R = (x[index_R] for x in out)
+  raise_if_non_finite("sample_continuous", bad_R, n, temperature)
   b = len(seqs)
-  return SampleOutput(tokens=out_tokens.reshape(b, n, t), lengths=out_lengths.reshape(b, n),
-                      logprobs=out_logprobs.reshape(b, n, t),
-                      finished=out_finished.reshape(b, n))
+  return SampleOutput(tokens=tokens_RxT.reshape(b, n, t), lengths=lengths_R.reshape(b, n),
+                      logprobs=logprobs_RxT.reshape(b, n, t),
+                      finished=(finished_R & (bad_R < 0)).reshape(b, n))

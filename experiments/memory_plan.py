@@ -36,8 +36,35 @@ Two backends:
 The log-prob kernel is the chunked walk on both ("auto" picks by the *runtime* backend, which
 is CPU here; on a TPU the Pallas forward and backward kernels run instead).
 
-  python experiments/memory_plan.py [--backend=tpu|cpu] [workload names...]
+Cost and roofline (experiments/roofline.py), per chip, for each compiled program (the update;
+the prefill and one decode step; the reward forward): FLOPs and HBM bytes of the per-device
+program counted by experiments/hlo_cost.py from the optimized HLO, every loop body times its
+trip count.
+The compiler's own `cost_analysis()` (keys "flops", "bytes accessed", "optimal_seconds", ...)
+counts a while-loop body once, so it sees one layer of the scanned decoder, one micro-batch
+and one log-prob chunk; it is kept beside as compiler_*_once (hlo_cost's own count taken the
+same way, *_once, agrees with it to a few %). The decode program is a while loop that can stop
+early: it is counted as max_new_tokens - 1 steps, the KV cache read in full at each, and
+divided by them (per step, its one-off casts and cache relayouts spread over the steps). Then,
+at the chip's published peaks (roofline.PEAKS):
+
+  time = max(flops / peak FLOP/s, bytes / peak HBM bytes/s)    (a lower bound on step time)
+  MFU = model FLOPs per chip / (time x peak FLOP/s)
+  BW fraction (decode) = model bytes per chip / (time x peak HBM bytes/s)
+
+model FLOPs: 6·N·tokens for an update (2·N forward + 4·N backward, with N the matmul params:
+Gemma's tied table counts once, as the LM head; no extra forward: the reference log-probs and
+the KL come precomputed; remat's recompute is not model work), 2·N per row for a decode step,
+2·N per prompt token for the prefill (LM head on the last token only), the same for the reward
+forward (no LM head). model bytes of a decode step: the params in the compute dtype plus the
+KV cache at its mean fill (`roofline.decode_model_bytes`), divided evenly over the chips. The
+time is a roofline: it assumes compute, HBM traffic and the collectives' ICI transfers all
+overlap.
+
+  python experiments/memory_plan.py [--backend=tpu|cpu] [--out=plan.json] [--hlo_dir=DIR]
+      [workload names...]
   PYTHONPATH=<dir with libtpu> python experiments/memory_plan.py --backend=tpu
+  python experiments/memory_plan.py --tables=experiments/results/tpu_plan.json
 """
 from __future__ import annotations
 
@@ -64,6 +91,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from eva_jax import models, online, reward, sampling, sharding, train, train_state  # noqa: E402
 from eva_jax.logprobs import PAIR_KEYS, REFERENCE_KEYS  # noqa: E402
+# `python experiments/memory_plan.py` puts experiments/ on sys.path, not the repo root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import roofline  # noqa: E402
 
 GIB = 2**30
 HBM_BYTES = {"v5e": 16 * GIB, "v5p": 95 * GIB}
@@ -280,6 +310,10 @@ PLAN = (
     Workload("rloo_v5p8_mb1", "rloo", "v5p-8", (1, 4, 1), batch=128, accum=32, loop="online"),
     Workload("sample_v5p8_online", "sample", "v5p-8", (1, 4, 1), batch=16, samples=4,
              loop="online"),
+    # The same over a tensor-parallel mesh: each chip reads its quarter of every weight instead
+    # of all-gathering whole layers at every decode step.
+    Workload("sample_v5p8_online_tp4", "sample", "v5p-8", (1, 1, 4), batch=16, samples=4,
+             loop="online"),
     Workload("rloo_v5e64_mb1", "rloo", "v5e-64", (1, 64, 1), batch=128, accum=2, loop="online"),
     # One call of P = 32 prompts, padded to the 64 of the mesh: 1 prompt x 4 per chip.
     Workload("sample_v5e64_online", "sample", "v5e-64", (1, 64, 1), batch=64, samples=4,
@@ -322,11 +356,11 @@ def _compile_error_temp(error: Exception) -> Optional[int]:
   return int(float(match.group(1)) * 2**(10 * "KMG".index(match.group(2)) + 10))
 
 
-def run_workload(w: Workload, backend: str = "cpu") -> dict:
+def run_workload(w: Workload, backend: str = "cpu", hlo_dir: Optional[str] = None) -> dict:
   """Compiles `w` and returns its row; a program the TPU compiler refuses for lack of HBM gets
   a row with `temp` from the refusal, the other fields 0 and fits False."""
   try:
-    return _run_workload(w, backend)
+    return _run_workload(w, backend, hlo_dir)
   except jax.errors.JaxRuntimeError as e:
     temp = _compile_error_temp(e)
     if temp is None:
@@ -335,10 +369,36 @@ def run_workload(w: Workload, backend: str = "cpu") -> dict:
             "devices": math.prod(w.mesh), "mesh": dict(zip(sharding.MESH_AXES, w.mesh)),
             "param_dtype": w.param_dtype, "remat": w.remat, "batch": "compiler: out of HBM",
             "argument": 0, "output": 0, "alias": 0, "temp": temp, "step": temp, "resident": 0,
-            "total": temp, "hbm": HBM_BYTES[SLICES[w.slice_name][0]], "fits": False}
+            "total": temp, "hbm": HBM_BYTES[SLICES[w.slice_name][0]], "fits": False,
+            "programs": {}}
 
 
-def _run_workload(w: Workload, backend: str) -> dict:
+def workload_costs(w: Workload, programs: dict, hlo_dir: Optional[str] = None) -> dict:
+  """`roofline.roofline` of each compiled program of `w` ({"update"} / {"prefill", "decode"} /
+  {"score"} -> compiled), with its model FLOPs (and the decode step's model bytes)."""
+  n, chip = math.prod(w.mesh), SLICES[w.slice_name][0]
+  policy = paper_policy(w.param_dtype, w.remat)
+  flops = roofline.forward_flops
+
+  def cost(program, model_flops, **kw):
+    path = hlo_dir and os.path.join(hlo_dir, f"{w.name}.{program}.hlo")
+    return roofline.roofline(programs[program], chip, n, model_flops, hlo_path=path, **kw)
+
+  if w.kind in ("train", "rloo"):
+    # Chosen and rejected rows, or the rollout rows; the reference log-probs and the KL column
+    # come precomputed, so the update runs no extra forward.
+    tokens = 2 * w.batch * SEQ_LEN if w.kind == "train" else w.batch * (PROMPT_LEN + NEW_TOKENS)
+    return {"update": cost("update", 3 * flops(policy, tokens, tokens))}
+  if w.kind == "sample":
+    rows = w.batch * w.samples
+    step_bytes = roofline.decode_model_bytes(policy, w.batch, PROMPT_LEN, w.samples, NEW_TOKENS)
+    return {"prefill": cost("prefill", flops(policy, w.batch * PROMPT_LEN, w.batch)),
+            "decode": cost("decode", flops(policy, rows, rows), model_bytes=step_bytes,
+                           steps=NEW_TOKENS - 1)}
+  return {"score": cost("score", flops(REWARD_MODEL, w.batch * REWARD_LEN, 0))}
+
+
+def _run_workload(w: Workload, backend: str, hlo_dir: Optional[str]) -> dict:
   n = math.prod(w.mesh)
   mesh = sharding.make_mesh(*w.mesh, devices=devices_for(w.slice_name, backend)[:n])
   start = time.perf_counter()
@@ -347,31 +407,36 @@ def _run_workload(w: Workload, backend: str) -> dict:
          "param_dtype": REWARD_MODEL.param_dtype if w.kind == "score" else w.param_dtype,
          "remat": w.remat if w.kind in ("train", "rloo") else "-"}
   per_device = w.batch // sharding.batch_multiple(mesh)
+  policy = paper_policy(w.param_dtype, w.remat)
   if w.kind == "train":
-    compiled = compile_train_step(paper_policy(w.param_dtype, w.remat), mesh, num_pairs=w.batch,
-                                  seq_len=SEQ_LEN, accum_steps=w.accum)
-    row.update(batch=f"{per_device // w.accum} pairs x {w.accum}", **memory_of(compiled))
+    programs = {"update": compile_train_step(policy, mesh, num_pairs=w.batch, seq_len=SEQ_LEN,
+                                             accum_steps=w.accum)}
+    row.update(batch=f"{per_device // w.accum} pairs x {w.accum}",
+               **memory_of(programs["update"]))
   elif w.kind == "rloo":
-    compiled = compile_rloo_step(paper_policy(w.param_dtype, w.remat), mesh, rows=w.batch,
-                                 prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
-                                 accum_steps=w.accum)
-    row.update(batch=f"{per_device // w.accum} rows x {w.accum}", **memory_of(compiled))
+    programs = {"update": compile_rloo_step(policy, mesh, rows=w.batch, prompt_len=PROMPT_LEN,
+                                            new_tokens=NEW_TOKENS, accum_steps=w.accum)}
+    row.update(batch=f"{per_device // w.accum} rows x {w.accum}",
+               **memory_of(programs["update"]))
   elif w.kind == "sample":
-    prefill, decode = compile_sampling(paper_policy(w.param_dtype), mesh, num_prompts=w.batch,
-                                       prompt_len=PROMPT_LEN, num_samples=w.samples,
-                                       max_new_tokens=NEW_TOKENS)
+    prefill, decode = compile_sampling(policy, mesh, num_prompts=w.batch, prompt_len=PROMPT_LEN,
+                                       num_samples=w.samples, max_new_tokens=NEW_TOKENS)
+    programs = {"prefill": prefill, "decode": decode}
     pre = memory_of(prefill)
     row.update(batch=f"{per_device} prompts x {w.samples}", prefill_step=pre["step"],
                **memory_of(decode))
     # The prefill's output cache is the decode's donated input: the peak is the larger step.
     row["step"] = max(pre["step"], row["step"])
   else:
-    compiled = compile_reward_forward(REWARD_MODEL, mesh, batch=w.batch, length=REWARD_LEN)
-    row.update(batch=f"{per_device} x {REWARD_LEN} tokens", **memory_of(compiled))
+    programs = {"score": compile_reward_forward(REWARD_MODEL, mesh, batch=w.batch,
+                                                length=REWARD_LEN)}
+    row.update(batch=f"{per_device} x {REWARD_LEN} tokens", **memory_of(programs["score"]))
+  costs = workload_costs(w, programs, hlo_dir)
   row["resident"] = resident_bytes(w, mesh)
   row["total"] = row["step"] + row["resident"]
   row["hbm"] = HBM_BYTES[SLICES[w.slice_name][0]]
   row["fits"] = row["total"] <= row["hbm"]
+  row["programs"] = costs
   row["compile_s"] = round(time.perf_counter() - start, 1)
   return row
 
@@ -391,12 +456,26 @@ def markdown_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def print_tables(path: str) -> None:
+  """Both tables of a plan written with --out, without compiling anything."""
+  with open(path) as f:
+    plan = json.load(f)
+  print(markdown_table(plan["rows"]), "\n", roofline.cost_table(plan["rows"]), sep="\n")
+
+
 def main(argv: list[str]) -> None:
-  backend = "cpu"
+  if len(argv) == 1 and argv[0].startswith("--tables="):
+    return print_tables(argv[0].split("=", 1)[1])
+  backend, out, hlo_dir = "cpu", None, None
   names = []
   for a in argv:
     if a.startswith("--backend="):
       backend = a.split("=", 1)[1]
+    elif a.startswith("--out="):
+      out = a.split("=", 1)[1]
+    elif a.startswith("--hlo_dir="):
+      hlo_dir = a.split("=", 1)[1]
+      os.makedirs(hlo_dir, exist_ok=True)
     else:
       names.append(a)
   if backend not in ("cpu", "tpu"):
@@ -410,10 +489,15 @@ def main(argv: list[str]) -> None:
                        "as a script (it sets XLA_FLAGS before importing jax)")
   rows = []
   for w in [by_name[n] for n in names] or PLAN:
-    rows.append(run_workload(w, backend))
+    rows.append(run_workload(w, backend, hlo_dir))
     print(json.dumps(rows[-1]), flush=True)
+    if out:  # After every row: a long grid stopped early keeps what it compiled.
+      with open(out, "w") as f:
+        json.dump({"backend": backend, "peaks": roofline.PEAKS, "rows": rows}, f, indent=1)
   print(f"\nPer-device GiB, {backend} backend (see the module docstring):\n")
   print(markdown_table(rows))
+  print("\nPer-chip cost and roofline of each program (experiments/roofline.py):\n")
+  print(roofline.cost_table(rows))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """experiments/memory_plan.py at a small size: a tiny model, the 8 fake CPU devices, abstract
 inputs only. The byte counts are checked against sizes computed by hand from the shapes and
 shardings (argument = every state and batch array's per-device shard; the decode's aliased
-output = the donated KV cache)."""
+output = the donated KV cache). The cost and roofline figures are compiled for a TPU v5e with
+libtpu (no TPU attached) and checked against FLOPs and bytes counted by hand."""
 import math
 
 import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eva_jax import models, sharding, train_state
-from experiments import memory_plan
+from experiments import hlo_cost, memory_plan, roofline
 
 CONFIG = models.tiny("llama", vocab_size=512, num_layers=2)
 PAIRS, SEQ = 8, 32
@@ -91,3 +94,90 @@ def test_reward_forward_bytes_per_device():
   rows_bytes = 2 * 8 * 16 * 4 // 8
   assert mem["argument"] == memory_plan.params_bytes_per_device(config, mesh) + rows_bytes
   assert mem["output"] == 8 * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost and roofline (experiments/hlo_cost.py, roofline.roofline)
+
+
+def test_model_flops_are_6_n_tokens():
+  """An update's model FLOPs: 6·N·tokens for a tied LM (Gemma 2 9B) with logits everywhere; an
+  untied one's embedding lookup costs nothing; a classifier has no LM head."""
+  tokens = 2 * 64 * 2048
+  nine_b = memory_plan.paper_policy()
+  n = models.param_count(nine_b)
+  assert 3 * roofline.forward_flops(nine_b, tokens, tokens) == 6 * n * tokens
+  table = CONFIG.vocab_size * CONFIG.hidden_size  # Untied: an input table and an LM head.
+  assert roofline.forward_flops(CONFIG, 10, 3) == 2 * (
+      models.param_count(CONFIG) - 2 * table) * 10 + 2 * table * 3
+  scorer = models.tiny("llama", vocab_size=512, num_layers=2, num_labels=1)
+  assert roofline.forward_flops(scorer, 10, 0) == 2 * (
+      models.param_count(scorer) - table) * 10
+
+
+@pytest.fixture(scope="module")
+def tpu_mesh():
+  """4 chips of a TPU v5e slice, for compiles only."""
+  pytest.importorskip("libtpu", reason="needs libtpu: pip install -e '.[tpu]'")
+  return sharding.make_mesh(1, 4, 1, devices=sharding.tpu_topology_devices("v5e:2x2")[:4])
+
+
+def test_matmul_cost_by_hand(tpu_mesh):
+  """bf16 [M, K] @ [K, N], rows split over 4 chips: per chip 2·(M/4)·K·N FLOPs and its operands
+  and result moved once. In a 10-step loop the TPU compiler's cost_analysis counts one step;
+  hlo_cost counts all ten."""
+  m, k, n = 1024, 2048, 4096
+  rows = NamedSharding(tpu_mesh, P("fsdp"))
+  a = jax.ShapeDtypeStruct((m, k), jnp.bfloat16, sharding=rows)
+  b = jax.ShapeDtypeStruct((k, n), jnp.bfloat16, sharding=sharding.replicated(tpu_mesh))
+  compiled = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
+  cost = hlo_cost.program_cost(compiled.as_text())
+  assert cost.flops == compiled.cost_analysis()["flops"] == 2 * (m // 4) * k * n
+  assert cost.bytes == 2 * (m // 4 * k + k * n + m // 4 * n)
+  square = jax.ShapeDtypeStruct((k, k), jnp.bfloat16, sharding=sharding.replicated(tpu_mesh))
+  looped = jax.jit(lambda a, b: jax.lax.fori_loop(0, 10, lambda i, x: x @ b, a)).lower(
+      a, square).compile()
+  cost = hlo_cost.program_cost(looped.as_text())
+  assert cost.loops == (10,)
+  assert cost.flops == 10 * 2 * (m // 4) * k * k
+  assert looped.cost_analysis()["flops"] == 2 * (m // 4) * k * k
+
+
+def test_update_roofline_counts_every_micro_batch(tpu_mesh):
+  """The tiny update in 1 and in 2 micro-batches does the same matmul work, which hlo_cost
+  finds (the compiler's own count halves); it executes at least the model FLOPs; the MFU is the
+  model FLOPs over the roofline time at the v5e peak."""
+  tokens = 2 * PAIRS * SEQ
+  model_flops = 3 * roofline.forward_flops(CONFIG, tokens, tokens)
+  costs = [roofline.roofline(memory_plan.compile_train_step(
+      CONFIG, tpu_mesh, num_pairs=PAIRS, seq_len=SEQ, accum_steps=accum), "v5e", 4, model_flops)
+      for accum in (1, 2)]
+  one, two = costs
+  assert one["flops"] == two["flops"] >= one["model_flops"] == model_flops / 4
+  assert two["compiler_flops_once"] < 0.6 * one["compiler_flops_once"]
+  peak_flops, peak_bw = roofline.PEAKS["v5e"]
+  for c in costs:
+    assert c["roofline_s"] == max(c["flops"] / peak_flops, c["bytes"] / peak_bw)
+    assert c["mfu"] == pytest.approx(model_flops / 4 / (c["roofline_s"] * peak_flops))
+
+
+def test_decode_roofline_is_per_step(tpu_mesh):
+  """The decode program, a loop that can stop early, counted as max_new_tokens - 1 steps and
+  divided by them: 2·N FLOPs per row a step (plus a little attention); its bandwidth fraction
+  uses the bytes a step must read."""
+  prompts, prompt_len, samples, new_tokens = 4, 8, 2, 4
+  _, decode = memory_plan.compile_sampling(CONFIG, tpu_mesh, num_prompts=prompts,
+                                           prompt_len=prompt_len, num_samples=samples,
+                                           max_new_tokens=new_tokens)
+  rows = prompts * samples
+  model_bytes = roofline.decode_model_bytes(CONFIG, prompts, prompt_len, samples, new_tokens)
+  c = CONFIG
+  params_bytes = 4 * models.param_count(c)  # The tiny config computes in float32.
+  kv_slot = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
+  assert model_bytes == params_bytes + kv_slot * (prompts * prompt_len + rows * 1.5)
+  cost = roofline.roofline(decode, "v5e", 4, roofline.forward_flops(CONFIG, rows, rows),
+                              model_bytes, steps=new_tokens - 1)
+  assert new_tokens - 1 in cost["loops"]
+  assert cost["model_flops"] <= cost["flops"] <= 1.1 * cost["model_flops"]
+  assert cost["bw_fraction"] == pytest.approx(
+      model_bytes / 4 / (cost["roofline_s"] * roofline.PEAKS["v5e"][1]))

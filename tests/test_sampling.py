@@ -394,9 +394,9 @@ def test_continuous_greedy_matches_fixed_batches(llama):
   eos = [int(free.tokens[0, 0, 2]), int(free.tokens[2, 0, 1])]
   want = sampling.sample(config, params, tokens, mask, rng=jax.random.key(0), greedy=True,
                          eos_ids=eos, **SHARED)
-  # 3 slots for 8 rows, refilled 2 at a time: prompts straddle refills and slots.
+  # 3 slots (two groups of 2) for 8 rows: groups change prompts as their rows end.
   got = continuous.sample_continuous(config, params, ids, rng=jax.random.key(0), greedy=True,
-                                     eos_ids=eos, slots=3, refill=2, **SHARED)
+                                     eos_ids=eos, slots=3, group=2, **SHARED)
   np.testing.assert_array_equal(got.tokens, np.asarray(want.tokens))
   np.testing.assert_array_equal(got.lengths, np.asarray(want.lengths))
   np.testing.assert_array_equal(got.finished, np.asarray(want.finished))
@@ -418,21 +418,23 @@ def test_continuous_greedy_matches_fixed_batches(llama):
                      rf"step {step} \({len(steps)} row\(s\) in all\)"):
     continuous.sample_continuous(config, _nan_token_params(params, poison), ids,
                                  rng=jax.random.key(0), greedy=True, eos_ids=eos, slots=3,
-                                 refill=2, **SHARED)
+                                 group=2, **SHARED)
 
 
-def test_continuous_draws_do_not_depend_on_slots_refill_or_order(llama):
+def test_continuous_draws_do_not_depend_on_slots_groups_chunks_or_order(llama):
   config, params = llama
   ids = _continuous_prompts()[2]
   kw = dict(rng=jax.random.key(4), temperature=0.8, top_p=0.9, **SHARED)
-  free = continuous.sample_continuous(config, params, ids, slots=3, refill=1, eos_ids=(), **kw)
+  free = continuous.sample_continuous(config, params, ids, slots=3, group=1, eos_ids=(), **kw)
   before = dict(continuous.TRACE_COUNTS)
   # Row (0, 0) stops at its third token: its draws up to there do not depend on the eos ids.
   kw["eos_ids"] = (int(free.tokens[0, 0, 2]), int(free.tokens[3, 1, 4]))
-  a = continuous.sample_continuous(config, params, ids, slots=3, refill=1, **kw)
+  a = continuous.sample_continuous(config, params, ids, slots=3, group=1, **kw)
   assert dict(continuous.TRACE_COUNTS) == before  # One compile per setting.
-  b = continuous.sample_continuous(config, params, ids, slots=5, refill=2, order=[3, 1, 0, 2],
-                                   **kw)
+  # Other slots, groups of 2 (each prompt's rows in one group), prompts prefilled 2 at a time
+  # (the loop returns to the host between chunks), another serving order.
+  b = continuous.sample_continuous(config, params, ids, slots=5, group=2, chunk=2,
+                                   order=[3, 1, 0, 2], **kw)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
   np.testing.assert_array_equal(a.tokens[0, 0, :3], free.tokens[0, 0, :3])
@@ -457,3 +459,5 @@ def test_continuous_bad_input_is_a_clear_error(llama):
     continuous.sample_continuous(config, params, ids, order=[0, 0, 1, 2], **kw)
   with pytest.raises(ValueError, match="slots must be an int >= 1"):
     continuous.sample_continuous(config, params, ids, **dict(kw, slots=0))
+  with pytest.raises(ValueError, match="chunk must be an int >= 1"):
+    continuous.sample_continuous(config, params, ids, **dict(kw, chunk=0))

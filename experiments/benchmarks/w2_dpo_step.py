@@ -11,12 +11,15 @@ gather, masked sum over the response -- what a PyTorch user writes -- then backw
 `torch.optim.AdamW.step`. After one warm-up step each, the two alternate step by step (the
 machine is shared). Prints one JSON line: median seconds per step of each, the ratio
 (peer / ours, > 1 means we are faster), an MFU estimate for each against BENCHMARKS.md's
-CPU roof, both first-step losses and the largest difference of their summed log-probs.
+CPU roof, both first-step losses and the largest difference of their summed log-probs. Also
+each side's median CPU seconds (user + sys, all threads) per step and the load average: on a
+shared machine the CPU-time ratio is the steadier figure.
 
   python experiments/benchmarks/w2_dpo_step.py [--steps 3] [--impl auto]
 """
 import argparse
 import json
+import os
 import tempfile
 import time
 
@@ -101,15 +104,19 @@ def main():
   compile_s = time.perf_counter() - start
   peer_loss, peer_logps = _torch_step(model, torch_opt, batch)
   # The machine is shared: alternate the two so that both see the same background load.
-  ours_times, peer_times = [], []
+  ours_times, peer_times, ours_cpu, peer_cpu = [], [], [], []
+  cpu_seconds = lambda: sum(os.times()[:2])  # noqa: E731  (user + sys of every thread)
   for _ in range(args.steps):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     ours_step()
     ours_times.append(time.perf_counter() - start)
-    start = time.perf_counter()
+    ours_cpu.append(cpu_seconds() - cpu)
+    start, cpu = time.perf_counter(), cpu_seconds()
     _torch_step(model, torch_opt, batch)
     peer_times.append(time.perf_counter() - start)
+    peer_cpu.append(cpu_seconds() - cpu)
   ours_s, peer_s = float(np.median(ours_times)), float(np.median(peer_times))
+  ours_cpu_s, peer_cpu_s = float(np.median(ours_cpu)), float(np.median(peer_cpu))
   ours_logps = np.stack([batch["ref_chosen"], batch["ref_rejected"]]).reshape(-1)
 
   tokens = 2 * PAIRS * (PROMPT + RESPONSE)
@@ -120,6 +127,9 @@ def main():
       "ours_step_times": [round(t, 2) for t in ours_times],
       "peer_step_times": [round(t, 2) for t in peer_times],
       "peer_s_per_step": round(peer_s, 3), "ratio": round(peer_s / ours_s, 3),
+      "ours_cpu_s_per_step": round(ours_cpu_s, 2), "peer_cpu_s_per_step": round(peer_cpu_s, 2),
+      "cpu_ratio": round(peer_cpu_s / ours_cpu_s, 3),
+      "load_average": [round(x, 2) for x in os.getloadavg()],
       "ours_compile_and_first_step_s": round(compile_s, 1),
       "ours_mfu": round(flops / ours_s / train.CPU_PEAK_FLOPS, 3),
       "peer_mfu": round(flops / peer_s / train.CPU_PEAK_FLOPS, 3),

@@ -6,8 +6,8 @@ run the same float32 weights (`eva_jax.models.smollm2.cached_path()`, loaded by 
 transformers), in chunks of `--batch_size` prompts: ours through `sampling.sample_batched`
 (right-padded), the peer through `generate(num_return_sequences=6)` (left-padded, as it needs).
 With `--continuous`, ours also runs with continuous batching (`eva_jax.continuous`: one pool of
-`--batch_size` x 6 KV-cache slots over all prompts, `--refill` slots refilled at a time), timed
-the same way beside the fixed chunks.
+`--batch_size` x 6 KV-cache slots over all prompts, in prompt groups of `--group` slots, refilled
+inside the decode loop), timed the same way beside the fixed chunks.
 Prompts are the first ones of the file whose chat-templated length is at most
 `--max_prompt_tokens`.
 
@@ -76,9 +76,9 @@ def _ours_continuous(config, params, tok, ids, args):
   def run():
     out = continuous.sample_continuous(
         config, params, ids, rng=jax.random.key(0), slots=args.batch_size * args.samples,
-        refill=args.refill, num_samples=args.samples, max_new_tokens=args.max_new_tokens,
-        pad_id=tok.pad_id, temperature=args.temperature, top_p=args.top_p, top_k=0,
-        eos_ids=tok.eos_ids)
+        group=args.group, chunk=args.chunk, num_samples=args.samples,
+        max_new_tokens=args.max_new_tokens, pad_id=tok.pad_id, temperature=args.temperature,
+        top_p=args.top_p, top_k=0, eos_ids=tok.eos_ids)
     return [out.lengths.ravel()]
   return run
 
@@ -124,8 +124,10 @@ def main():
   parser.add_argument("--no-peer", action="store_true")
   parser.add_argument("--continuous", action="store_true",
                       help="also time continuous batching (eva_jax.continuous)")
-  parser.add_argument("--refill", type=int, default=None,
-                      help="continuous: slots refilled at a time (default: the sampler's)")
+  parser.add_argument("--group", type=int, default=None,
+                      help="continuous: slots per prompt group (default: --samples)")
+  parser.add_argument("--chunk", type=int, default=None,
+                      help="continuous: prompts prefilled at a time (default: the groups)")
   args = parser.parse_args()
 
   path = smollm2.cached_path()
