@@ -26,12 +26,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # Where each logical axis the models name goes on the mesh: comma-joined mesh axes, "" for
   # replicated (eva_jax.sharding.rules_from_config reads it; its DEFAULT_RULES are these).
-  # Parameters: fsdp along `embed`, tensor along heads / mlp / vocab (Megatron-style);
+  # Parameters: fsdp along `embed`, tensor along heads / mlp (Megatron-style), the vocabulary
+  # over fsdp and tensor (a vocabulary-parallel LM head; the untied head's D is `embed_head`);
   # activations: the batch over data+fsdp. E.g. --config.mesh.rules.embed="" replicates it.
   c.mesh.rules = ml_collections.ConfigDict(dict(
       act_batch="data,fsdp", act_len="", act_embed="", act_heads="tensor",
-      act_kv_heads="tensor", act_mlp="tensor", act_vocab="tensor", layers="", vocab="tensor",
-      embed="fsdp", heads="tensor", kv_heads="tensor", head_dim="", mlp="tensor", norm=""))
+      act_kv_heads="tensor", act_mlp="tensor", act_vocab="fsdp,tensor", layers="",
+      vocab="fsdp,tensor", embed="fsdp", embed_head="", heads="tensor", kv_heads="tensor",
+      head_dim="", mlp="tensor", norm=""))
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "sentencepiece"  # "sentencepiece" (trained on the fly) or "hf" (a folder).
@@ -51,6 +53,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.dtype = "float32"  # Compute dtype (bfloat16 on accelerators).
   c.model.remat = "none"  # "none", "full" or "dots".
+  # Training / scoring attention: "auto" (splash kernels when compiling for TPU at a length that
+  # is a multiple of 128, else dense), "dense" or "splash" (ModelConfig.attention_impl).
+  c.model.attention_impl = "auto"
 
   c.data = ml_collections.ConfigDict()
   # A name of eva_jax.sources.SOURCES: "synthetic", "jsonl" (a prompt file: data.path) or "tfds"

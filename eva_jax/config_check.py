@@ -16,7 +16,7 @@ from eva_jax import context, creator, fileio, losses, protocol, reward, sharding
 from eva_jax import templates, train_state
 from eva_jax import workdir as wd
 from eva_jax.kernels.target_logprobs import IMPLS as LOGPROB_IMPLS
-from eva_jax.models.config import FAMILY_FEATURES
+from eva_jax.models.config import ATTENTION_IMPLS, FAMILY_FEATURES
 
 # Fields that may differ between a run and its restart without changing its results. Not
 # mesh.*, sampling.batch_size or train.grad_accum: sampling keys fold in each chunk's start, and
@@ -38,6 +38,7 @@ def _choices() -> dict[str, tuple]:
       "model.source": context.MODEL_SOURCES,
       "model.family": tuple(FAMILY_FEATURES),
       "model.remat": ("none", "full", "dots"),  # ModelConfig.remat has no public list yet.
+      "model.attention_impl": ATTENTION_IMPLS,
       "data.source": sources.SOURCES.names(),
       "data.topic_field": ("",) + sources.TOPIC_FIELDS,
       "reward.kind": reward.SCORERS.names(),

@@ -167,21 +167,22 @@ def _model_config(c, tok) -> models.ModelConfig:
     with open(path) as f:
       config = hf.config_from_hf(json.load(f), where=path, dtype=c.model.param_dtype,
                                  compute_dtype=c.model.dtype)
-    return config.replace(remat=c.model.remat)
+    return config.replace(remat=c.model.remat, attention_impl=c.model.attention_impl)
   m = c.model
   return models.tiny(
       m.family, vocab_size=tok.vocab_size, hidden_size=m.hidden_size,
       intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
       num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, pad_token_id=tok.pad_id,
       bos_token_id=tok.bos_id, eos_token_ids=tuple(tok.eos_ids), param_dtype=m.param_dtype,
-      dtype=m.dtype, remat=m.remat, max_position_embeddings=1024)
+      dtype=m.dtype, remat=m.remat, attention_impl=m.attention_impl, max_position_embeddings=1024)
 
 
 def _policy(c, tok, mesh, rules) -> stages.Policy:
   if c.model.source == "hf":
     config, params = hf.load(c.model.path, dtype=c.model.param_dtype, compute_dtype=c.model.dtype,
                              shardings=sharding.param_shardings_for(mesh, rules))
-    return stages.Policy(config.replace(remat=c.model.remat), params, tok, mesh, rules)
+    config = config.replace(remat=c.model.remat, attention_impl=c.model.attention_impl)
+    return stages.Policy(config, params, tok, mesh, rules)
   config = _model_config(c, tok)
   params = jax.jit(lambda k: models.init_params(config, k),
                    out_shardings=sharding.param_shardings(config, mesh, rules))(

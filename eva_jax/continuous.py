@@ -43,7 +43,8 @@ import numpy as np
 from eva_jax import models, sharding, token_select
 from eva_jax.models.config import ModelConfig
 from eva_jax.sampling import (MAX_EOS, MIN_PROMPT_BUCKET, SampleOutput, cache_sharding,
-                              on_batch, raise_if_non_finite, round_up_bucket)
+                              generated_slots, inference_config, on_batch, raise_if_non_finite,
+                              round_up_bucket)
 
 # Traces of each jitted program; a test reads it to check the compile count.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -121,6 +122,7 @@ def _prefill(config: ModelConfig, params: dict, prompts_CxW, mask_CxW, prompt_C,
              width: int, cache_dtype) -> Table:
   """Runs C prompts once -> their Table, padded to `width` slots."""
   TRACE_COUNTS["prefill"] += 1
+  config = inference_config(config)
   c, w = prompts_CxW.shape
   valid_CxW = mask_CxW.astype(bool)
   positions_CxW = models.positions_from_mask(mask_CxW)
@@ -191,8 +193,9 @@ def _refill(cache: dict, st: State, table: Table, first, end_row, rng, eos_E, se
 
   def wipe(state):
     i, generated = state
+    at = (0, wipe_S[i] // z, wipe_S[i] % z, 0, 0, 0)
     generated = {name: jax.lax.dynamic_update_slice(
-        c, jnp.zeros_like(jax.lax.dynamic_index_in_dim(c, wipe_S[i], 1)), (0, wipe_S[i], 0, 0, 0))
+        c, jnp.zeros((c.shape[0], 1, 1) + c.shape[3:], c.dtype), at)
         for name, c in generated.items()}
     return i + 1, generated
 
@@ -236,11 +239,12 @@ def _decode(config: ModelConfig, params: dict, cache: dict, state: State, table:
   """Refills and one-token steps until every row is done, or (unless `last_chunk`) until the
   chunk's rows [first * N, end_row) are all taken and a group wants a prompt -> (cache, state)."""
   TRACE_COUNTS["decode"] += 1
+  config = inference_config(config)
   s = state.done_S.shape[0]
   g_count = state.served_G.shape[0]
   r, t = state.tokens_RxT.shape
-  gen_len = cache["generated"]["k"].shape[3]
-  slot_ids = jnp.arange(s)
+  gen_len = cache["generated"]["k"].shape[4]
+  group_S, member_S = jnp.divmod(jnp.arange(s), s // g_count)
   select = _selector(temperature, top_p, top_k, greedy, nucleus)
   refill = functools.partial(_refill, table=table, first=first, end_row=end_row, rng=rng,
                              eos_E=eos_E, select=select, num_samples=num_samples, impl=impl,
@@ -260,7 +264,7 @@ def _decode(config: ModelConfig, params: dict, cache: dict, state: State, table:
                                             split)
     column_S = jnp.clip(written_S, 0, gen_len - 1)  # Done slots write harmlessly in range.
     cache = dict(cache, generated=jax.tree.map(
-        lambda c, kv: c.at[:, slot_ids, :, column_S].set(jnp.swapaxes(kv, 0, 1)),
+        lambda c, kv: c.at[:, group_S, member_S, :, column_S].set(jnp.swapaxes(kv, 0, 1)),
         cache["generated"], new_kv))
     logits_SxV = models.logits_from_hidden(config, params, hidden_SxD)
     token_S, logprob_S = select(logits_SxV, _step_keys(st.key_data_S, st.count_S, impl))
@@ -363,8 +367,9 @@ def sample_continuous(config: ModelConfig, params: dict, prompt_ids: Sequence[Se
                 rules=rules, **flags)
   sel = (jnp.float32(temperature if temperature > 0 else 1.0), jnp.float32(top_p))
   dtype = jnp.dtype(cache_dtype or config.dtype)
-  cache = {"prompt": models.init_generated_cache(config, g, width, dtype),
-           "generated": models.init_generated_cache(config, g * z, max(t - 1, 1), dtype)}
+  prompt_shape = (config.num_layers, g, config.num_kv_heads, width, config.head_dim)
+  cache = {"prompt": {name: jnp.zeros(prompt_shape, dtype) for name in ("k", "v")},
+           "generated": models.init_generated_cache(config, g, z, generated_slots(t), dtype)}
   state = _init_state(g, z, width, rows, t, jax.random.key_data(rng).shape, pad_id)
   ctx = (sharding.activation_rules(mesh, rules) if mesh is not None
          else contextlib.nullcontext())

@@ -255,15 +255,23 @@ def _summed_target_logprobs(config, params, hidden_BxSxD, targets_BxS, weights_B
   if impl == "auto" and jax.default_backend() == "cpu" and (
       4 * b * s * config.vocab_size <= CPU_PLAIN_HEAD_BYTES):
     impl = "reference"
-  # FSDP-style: the head is gathered along D (vocab stays split over tensor) and the rows stay
-  # split over the batch, so the kernel's blocks and their gradients need no resharding.
   w_out_DxV = models.output_projection(config, params).astype(config.jnp_dtype)
-  w_out_DxV = nn.with_logical_constraint(w_out_DxV, ("act_embed", "act_vocab"))
   hidden_NxD = nn.with_logical_constraint(hidden_BxSxD.reshape(b * s, d),
                                           ("act_batch", "act_embed"))
-  logprob_N = kernels.target_logprobs(hidden_NxD, w_out_DxV,
-                                      targets_BxS.reshape(b * s).astype(jnp.int32),
-                                      softcap=config.final_logit_softcap, impl=impl)
+  targets_N = targets_BxS.reshape(b * s).astype(jnp.int32)
+  split = sharding.vocab_parallel_axes(config.vocab_size)
+  if split is not None:
+    # Each device keeps its vocabulary slice of the head (and of its gradient); rows move.
+    vocab_axes, row_axes = split
+    logprob_N = kernels.vocab_parallel_target_logprobs(
+        hidden_NxD, w_out_DxV, targets_N, axes=vocab_axes, row_axes=row_axes,
+        softcap=config.final_logit_softcap, impl=impl)
+  else:
+    # The head gathered along D (the vocabulary split as the rules say) and the rows split
+    # over the batch, so the kernel's blocks and their gradients need no resharding.
+    w_out_DxV = nn.with_logical_constraint(w_out_DxV, ("act_embed", "act_vocab"))
+    logprob_N = kernels.target_logprobs(hidden_NxD, w_out_DxV, targets_N,
+                                        softcap=config.final_logit_softcap, impl=impl)
   # jnp.where, not a product: nothing at a masked position (say a non-finite value) can leak.
   logprob_BxS = jnp.where(weights_BxS > 0, logprob_N.reshape(b, s), 0.0)
   return jnp.sum(logprob_BxS, axis=1), jnp.sum(weights_BxS, axis=1)

@@ -10,6 +10,11 @@
    `eos_ids`. Rows are prompt-major (row b * N + n). The N samples of a prompt read its prompt
    cache without repeating it; their own tokens go to a per-row cache.
 
+Under a mesh, `sample` decodes on `sharding.decode_mesh`: the params are cast once to the
+compute dtype and placed tensor parallel, whole along the model width (`prepare_params`), so a
+step reads each chip's resident share of the weights instead of all-gathering every layer's FSDP
+shards; prompts split over its data axis, the KV cache over prompts and KV heads.
+
 `eva_jax.continuous` decodes the same way through a fixed pool of slots that are refilled as
 their rows end (continuous batching), reusing this module's helpers.
 
@@ -47,7 +52,8 @@ import numpy as np
 from eva_jax import models, sharding, token_select
 from eva_jax.models.config import ModelConfig
 
-# Traces of each jitted stage; a test reads it to check the bucketing bounds recompiles.
+# Traces of each jitted stage, and "prepare": params cast and placed by `prepare_params`. Tests
+# read it to check that the bucketing bounds recompiles and sample_batched prepares once.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 MAX_EOS = 8  # eos ids are padded to this many so their number does not recompile.
@@ -73,10 +79,25 @@ class SampleOutput(NamedTuple):
 # Prefill and decode
 
 
+# The prompt cache [L, B, K, P, E] and the generated one [L, B, N, K, T', E] (`models.SplitCache`).
+_CACHE_AXES = {5: ("layers", "act_batch", "act_kv_heads", "act_len", "head_dim"),
+               6: ("layers", "act_batch", None, "act_kv_heads", "act_len", "head_dim")}
+
+
 def cache_sharding(shape, mesh, rules):
-  """The KV cache's placement: batch rows over data+fsdp, KV heads by the rules."""
-  return sharding.logical_to_sharding(
-      shape, ("layers", "act_batch", "act_kv_heads", "act_len", "head_dim"), mesh, rules)
+  """A KV cache's placement: prompts over data+fsdp, KV heads by the rules."""
+  return sharding.logical_to_sharding(shape, _CACHE_AXES[len(shape)], mesh, rules)
+
+
+def generated_slots(max_new_tokens: int) -> int:
+  """Generated-cache slots: the last token needs none; a multiple of 128 so the TPU keeps the
+  cache's default tiled layout (an odd count makes it relayout, a whole-cache copy per call)."""
+  return -(-max(max_new_tokens - 1, 1) // 128) * 128
+
+
+def inference_config(config: ModelConfig) -> ModelConfig:
+  """`config` without rematerialisation: nothing is differentiated while sampling."""
+  return config.replace(remat="none")
 
 
 def on_batch(x: jax.Array, mesh) -> jax.Array:
@@ -93,12 +114,13 @@ def _prefill(config: ModelConfig, params: dict, prompts_BxP: jax.Array, mask_BxP
              rules=sharding.DEFAULT_RULES):
   """Runs the prompts once -> (cache, last-token logits [B, V]).
 
-  cache: {"prompt": [L, B, K, P, E] filled, "generated": [L, B*N, K, max(T-1, 1), E] empty}
-  (see `models.SplitCache`); the last generated token needs no slot. `rules` (static) are the
-  logical-axis rules active while tracing: the models' activation constraints read them from the
-  caller's `sharding.activation_rules` context, so a change of rules must retrace.
+  cache: {"prompt": [L, B, K, P, E] filled, "generated": [L, B, N, K, generated_slots(T), E]
+  empty} (see `models.SplitCache`). `rules` (static) are the logical-axis rules active while
+  tracing: the models' activation constraints read them from the caller's
+  `sharding.activation_rules` context, so a change of rules must retrace.
   """
   TRACE_COUNTS["prefill"] += 1
+  config = inference_config(config)
   b, p = prompts_BxP.shape
   valid_BxP = mask_BxP.astype(bool)
   positions_BxP = models.positions_from_mask(mask_BxP)
@@ -110,7 +132,7 @@ def _prefill(config: ModelConfig, params: dict, prompts_BxP: jax.Array, mask_BxP
   logits_BxV = models.logits_from_hidden(config, params, hidden_BxD)
   prompt_cache = jax.tree.map(lambda c: jnp.swapaxes(c, 2, 3), prompt_cache)
   cache = {"prompt": prompt_cache, "generated": models.init_generated_cache(
-      config, b * num_samples, max(max_new_tokens - 1, 1), cache_dtype)}
+      config, b, num_samples, generated_slots(max_new_tokens), cache_dtype)}
   if mesh is not None:
     cache = jax.tree.map(
         lambda c: jax.lax.with_sharding_constraint(c, cache_sharding(c.shape, mesh, rules)),
@@ -135,6 +157,7 @@ def _decode(config: ModelConfig, params: dict, cache: dict, logits_BxV: jax.Arra
   """
   TRACE_COUNTS["decode"] += 1
   del rules  # Static only, as in `_prefill`: read from the caller's context while tracing.
+  config = inference_config(config)
   n, t = num_samples, max_new_tokens
   b = mask_BxP.shape[0]
   r = b * n
@@ -174,8 +197,10 @@ def _decode(config: ModelConfig, params: dict, cache: dict, logits_BxV: jax.Arra
                               cache["generated"]["k"], cache["generated"]["v"],
                               prompt_positions_BxP, prompt_valid_BxP, i - 1)
     hidden_RxD, new_kv = models.sample_step(config, params, prev_R, prompt_len_R + i - 1, split)
+    # [L, R, K, E] -> [L, B, N, K, 1, E]: written in the cache's own layout, in place.
     cache = dict(cache, generated=jax.tree.map(
-        lambda c, kv: jax.lax.dynamic_update_slice(c, kv[:, :, :, None], (0, 0, 0, i - 1, 0)),
+        lambda c, kv: jax.lax.dynamic_update_slice(
+            c, kv.reshape(c.shape[:4] + (1,) + c.shape[5:]), (0, 0, 0, 0, i - 1, 0)),
         cache["generated"], new_kv))
     logits_RxV = models.logits_from_hidden(config, params, hidden_RxD)
     token_R, logprob_R = select(logits_RxV, step_keys(i))
@@ -192,6 +217,30 @@ def _decode(config: ModelConfig, params: dict, cache: dict, logits_BxV: jax.Arra
 
 # ---------------------------------------------------------------------------------------------
 # Host side: validation, bucketing, placement
+
+
+@functools.lru_cache(maxsize=16)
+def _decode_shardings(config: ModelConfig, mesh, rules):
+  return sharding.param_shardings(config, sharding.decode_mesh(mesh, config),
+                                  sharding.decode_rules(rules))
+
+
+def prepare_params(config: ModelConfig, params: dict, mesh=None,
+                   rules=sharding.DEFAULT_RULES) -> dict:
+  """`params` as the sampler reads them: cast to the compute dtype (`models.inference_params`)
+  and, with a mesh, placed on `sharding.decode_mesh(mesh)` by `sharding.decode_rules(rules)`.
+
+  Params it has already prepared come back unchanged, so `sample_batched` prepares once for all
+  its chunks. The copy lives while the caller holds it (`sample` drops it on return)."""
+  want = jax.eval_shape(functools.partial(models.inference_params, config), params)
+  places = (jax.tree.map(lambda _: None, want) if mesh is None
+            else _decode_shardings(config, mesh, rules))
+  ready = lambda x, w, s: x.dtype == w.dtype and (s is None or getattr(x, "sharding", 0) == s)
+  if all(jax.tree.leaves(jax.tree.map(ready, params, want, places))):
+    return params
+  TRACE_COUNTS["prepare"] += 1
+  params = models.inference_params(config, params)
+  return params if mesh is None else jax.device_put(params, places)
 
 
 def raise_if_non_finite(caller: str, bad_step_R: np.ndarray, num_samples: int,
@@ -264,10 +313,10 @@ def sample(config: ModelConfig, params: dict, prompts, prompt_mask, *, rng: jax.
   top_k=0 / top_p=1 switch those filters off.
   Raises ValueError naming the prompt row, sample and step if the model's logits are not finite.
   cache_dtype: the KV cache dtype (default: the model's compute dtype).
-  mesh: shard the batch over its data/fsdp axes (params should already be placed, e.g. by
-    `hf.load(..., shardings=sharding.param_shardings_for(mesh))`).
-  rules: the logical-axis rules the model's activation constraints map through (the run's
-    `sharding.rules_from_config(c.mesh.rules)`).
+  mesh: decode on its devices, through `sharding.decode_mesh` (params placed anywhere, e.g. by
+    `hf.load(..., shardings=sharding.param_shardings_for(mesh))`, go through `prepare_params`).
+  rules: the run's logical-axis rules (`sharding.rules_from_config(c.mesh.rules)`); decoding
+    maps the weights and activations through `sharding.decode_rules(rules)`.
 
   Compiles once per (prompt-width bucket, batch bucket, num_samples, max_new_tokens, top_k,
   greedy, top_p < 1) combination; temperature and top_p values do not recompile.
@@ -286,6 +335,9 @@ def sample(config: ModelConfig, params: dict, prompts, prompt_mask, *, rng: jax.
     raise ValueError(f"sample: eos_ids must be at most {MAX_EOS} ids in [0, "
                      f"{config.vocab_size}), got {eos}")
   tokens_BxP, mask_BxP = _host_prompts(config, prompts, prompt_mask, max_new_tokens)
+  params = prepare_params(config, params, mesh, rules)
+  if mesh is not None:
+    mesh, rules = sharding.decode_mesh(mesh, config), sharding.decode_rules(rules)
 
   b, p = tokens_BxP.shape
   multiple = 1 if mesh is None else sharding.batch_multiple(mesh)
@@ -327,7 +379,8 @@ def sample_batched(config: ModelConfig, params: dict, prompt_ids: Sequence[Seque
 
   The one loop every text-level caller (the generate stage, the LM evolver, the judge) uses.
   Chunk starting at prompt `start` samples with `fold_in(rng, start)`. Returns a SampleOutput of
-  NumPy arrays ([P, N, T] tokens, ...) in prompt order. Other keyword arguments go to `sample`.
+  NumPy arrays ([P, N, T] tokens, ...) in prompt order. Other keyword arguments go to `sample`;
+  the params are prepared (`prepare_params`) once for every chunk.
   on_chunk(number of prompts) is called after each chunk (a progress bar's `update`).
   """
   if not len(prompt_ids):
@@ -335,6 +388,8 @@ def sample_batched(config: ModelConfig, params: dict, prompt_ids: Sequence[Seque
   if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
       or batch_size < 1:
     raise ValueError(f"sample_batched: batch_size must be an int >= 1, got {batch_size!r}")
+  params = prepare_params(config, params, kwargs.get("mesh"),
+                          kwargs.get("rules", sharding.DEFAULT_RULES))
   parts = []
   for start in range(0, len(prompt_ids), batch_size):
     chunk = prompt_ids[start:start + batch_size]

@@ -26,7 +26,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 # (logical name, mesh axes). Parameters are sharded over fsdp along `embed` and over tensor along
-# heads / mlp / vocab (Megatron-style); activations are sharded over data+fsdp along the batch.
+# heads / mlp (Megatron-style); activations are sharded over data+fsdp along the batch. The
+# vocabulary is split over fsdp and tensor together, so that no device ever holds the whole LM
+# head: the log-probs run vocabulary-parallel (kernels/vocab_parallel.py) and the untied head's
+# D axis (`embed_head`) stays whole (the embedding's `embed` finds fsdp taken by `vocab`).
 DEFAULT_RULES: tuple[tuple[str, Optional[object]], ...] = (
     ("act_batch", BATCH_AXES),
     ("act_len", None),
@@ -34,10 +37,11 @@ DEFAULT_RULES: tuple[tuple[str, Optional[object]], ...] = (
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
+    ("act_vocab", ("fsdp", "tensor")),
     ("layers", None),
-    ("vocab", "tensor"),
+    ("vocab", ("fsdp", "tensor")),
     ("embed", "fsdp"),
+    ("embed_head", None),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
@@ -71,6 +75,15 @@ def rules_from_config(overrides=None) -> tuple[tuple[str, Optional[object]], ...
   return tuple(rules.items())
 
 
+def decode_rules(rules=DEFAULT_RULES) -> tuple[tuple[str, Optional[object]], ...]:
+  """`rules` for the sampler's `decode_mesh`: weights whole along the model width (`embed` on
+  no mesh axis), so every chip keeps its tensor-parallel share of each weight resident."""
+  return tuple((name, None if name == "embed" else axes) for name, axes in rules)
+
+
+DECODE_RULES = decode_rules()
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A (data, fsdp, tensor) mesh; one size may be -1 for "the rest of the devices"."""
@@ -93,6 +106,19 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   except Exception:  # Fake CPU devices and odd shapes have no topology to exploit.
     grid = np.asarray(devices).reshape(sizes)
   return Mesh(grid, MESH_AXES)
+
+
+def decode_mesh(mesh: Mesh, config) -> Mesh:
+  """The sampler's mesh on `mesh`'s devices: `tensor` the most devices that divide the model's
+  KV heads, query heads, MLP width and vocabulary; `data` the rest; no fsdp.
+
+  A decode step reads every weight for a few rows. FSDP would all-gather each layer's weights at
+  every step; tensor parallel (with `decode_rules`) each chip reads its resident share in place,
+  and the KV cache splits over KV heads as well as prompts."""
+  n = mesh.devices.size
+  dims = (config.num_kv_heads, config.num_heads, config.intermediate_size, config.vocab_size)
+  t = max(d for d in range(1, n + 1) if n % d == 0 and all(x % d == 0 for x in dims))
+  return make_mesh(data=n // t, fsdp=1, tensor=t, devices=list(mesh.devices.flat))
 
 
 def tpu_topology_devices(topology: str) -> list:
@@ -188,6 +214,25 @@ def activation_rules(mesh: Mesh, rules=DEFAULT_RULES):
   """Context under which the models' logical activation constraints take effect."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
+
+
+def _flat_axes(axes) -> tuple:
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def vocab_parallel_axes(vocab_size: int):
+  """(vocabulary axes, row axes) of the mesh and rules in effect (`activation_rules`) when the
+  LM head splits over more than one device along its vocabulary (`act_vocab`, rows along
+  `act_batch`), for kernels.vocab_parallel_target_logprobs; None without such a split."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  rules = dict(nn.get_logical_axis_rules())
+  axes = _flat_axes(rules.get("act_vocab"))
+  shards = math.prod(mesh.shape[a] for a in axes)
+  if shards == 1 or vocab_size % shards:
+    return None
+  return axes, _flat_axes(rules.get("act_batch"))
 
 
 def optimizer_state_shardings(opt_state_shapes, params_shapes, param_shardings, mesh: Mesh):

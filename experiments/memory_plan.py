@@ -223,30 +223,29 @@ def compile_rloo_step(config: models.ModelConfig, mesh, *, rows: int, prompt_len
 def compile_sampling(config: models.ModelConfig, mesh, *, num_prompts: int, prompt_len: int,
                      num_samples: int, max_new_tokens: int, top_k: int = 0,
                      nucleus: bool = True):
-  """Compiles `sampling._prefill` and `sampling._decode` as `sampling.sample` calls them, for
-  abstract sharded inputs; returns (prefill, decode). The decode's cache input has the shapes
-  and shardings that the prefill outputs."""
-  params = abstract_params(config, mesh)
-  prompts = jax.ShapeDtypeStruct((num_prompts, prompt_len), jnp.int32,
-                                 sharding=sharding.batch_sharding(mesh, 2))
-  active = jax.ShapeDtypeStruct((num_prompts,), jnp.bool_,
-                                sharding=sharding.batch_sharding(mesh, 1))
+  """Compiles `sampling._prefill` and `sampling._decode` as `sampling.sample` calls them (on
+  `sharding.decode_mesh`, params from `sampling.prepare_params`), for abstract sharded inputs;
+  returns (prefill, decode). The decode's cache input is what the prefill outputs."""
+  mesh, rules = sharding.decode_mesh(mesh, config), sharding.DECODE_RULES
+  params = abstract(jax.eval_shape(lambda: models.inference_params(config, models.init_params(
+      config, jax.random.key(0)))), sharding.param_shardings(config, mesh, rules))
+  batch = lambda shape, dtype: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+  prompts, active = batch((num_prompts, prompt_len), jnp.int32), batch((num_prompts,), jnp.bool_)
   replicated = sharding.replicated(mesh)
   scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
   eos = jax.ShapeDtypeStruct((sampling.MAX_EOS,), jnp.int32, sharding=replicated)
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                              sharding=replicated)
-  with sharding.activation_rules(mesh):
+  with sharding.activation_rules(mesh, rules):
     prefill = sampling._prefill.lower(
-        config, params, prompts, prompts, num_samples=num_samples,
-        max_new_tokens=max_new_tokens, cache_dtype=jnp.dtype(config.dtype).name,
-        mesh=mesh).compile()
+        config, params, prompts, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+        cache_dtype=jnp.dtype(config.dtype).name, mesh=mesh, rules=rules).compile()
     cache, logits = abstract(prefill.out_info, prefill.output_shardings)
     decode = sampling._decode.lower(
         config, params, cache, logits, prompts, active, eos, rng, scalar, scalar,
-        num_samples=num_samples, max_new_tokens=max_new_tokens,
-        pad_id=config.pad_token_id or 0, top_k=top_k, greedy=False, nucleus=nucleus,
-        mesh=mesh).compile()
+        num_samples=num_samples, max_new_tokens=max_new_tokens, pad_id=config.pad_token_id or 0,
+        top_k=top_k, greedy=False, nucleus=nucleus, mesh=mesh, rules=rules).compile()
   return prefill, decode
 
 
@@ -295,7 +294,6 @@ PLAN = (
     Workload("train_v5e64", "train", "v5e-64", (1, 64, 1), accum=1),
     Workload("sample_v5e32", "sample", "v5e-32", (1, 32, 1)),
     Workload("sample_v5e32_chunk32", "sample", "v5e-32", (1, 32, 1), batch=32),
-    Workload("sample_v5e32_tp4", "sample", "v5e-32", (1, 8, 4)),
     Workload("score_v5e32", "score", "v5e-32", (1, 32, 1), batch=32),
     # v5p-8 = 4 chips.
     Workload("train_v5p8_mb1", "train", "v5p-8", (1, 4, 1), accum=16),
@@ -310,10 +308,6 @@ PLAN = (
     Workload("rloo_v5p8_mb1", "rloo", "v5p-8", (1, 4, 1), batch=128, accum=32, loop="online"),
     Workload("sample_v5p8_online", "sample", "v5p-8", (1, 4, 1), batch=16, samples=4,
              loop="online"),
-    # The same over a tensor-parallel mesh: each chip reads its quarter of every weight instead
-    # of all-gathering whole layers at every decode step.
-    Workload("sample_v5p8_online_tp4", "sample", "v5p-8", (1, 1, 4), batch=16, samples=4,
-             loop="online"),
     Workload("rloo_v5e64_mb1", "rloo", "v5e-64", (1, 64, 1), batch=128, accum=2, loop="online"),
     # One call of P = 32 prompts, padded to the 64 of the mesh: 1 prompt x 4 per chip.
     Workload("sample_v5e64_online", "sample", "v5e-64", (1, 64, 1), batch=64, samples=4,
@@ -326,20 +320,20 @@ def resident_bytes(w: Workload, mesh) -> int:
 
   It holds the policy it loaded at setup (`Run.params`) for the whole run, the iteration's
   restored params θ_t (copied into the train state, not donated) and the reward model. So:
-  train +2 policy copies + reward model; sample +1 policy copy + reward model; score +2
-  policy copies.
+  train +2 policy copies + reward model; sample (its argument is `sampling.prepare_params`'s
+  copy of θ_t) +2 policy copies + reward model; score +2 policy copies.
 
   The online loop (eva_jax/online_loop.py) holds the train state for the whole run, the frozen
   reference θ_0 and the reward model: rloo (the state is its argument) +1 policy copy (θ_0) +
-  reward model; sample (the params are its argument) + θ_0 + the AdamW moments (two float32
-  copies of the params) + reward model.
+  reward model; sample (its argument is the prepared copy) + the policy + θ_0 + the AdamW
+  moments (two float32 copies of the params) + reward model.
   """
   policy = params_bytes_per_device(paper_policy(w.param_dtype, w.remat), mesh)
   rm = params_bytes_per_device(REWARD_MODEL, mesh)
   if w.loop == "online":
     moments = 2 * params_bytes_per_device(paper_policy("float32"), mesh)
-    return {"rloo": policy + rm, "sample": policy + moments + rm}[w.kind]
-  return {"train": 2 * policy + rm, "sample": policy + rm, "score": 2 * policy}[w.kind]
+    return {"rloo": policy + rm, "sample": 2 * policy + moments + rm}[w.kind]
+  return {"train": 2 * policy + rm, "sample": 2 * policy + rm, "score": 2 * policy}[w.kind]
 
 
 def devices_for(slice_name: str, backend: str) -> list:
@@ -423,6 +417,7 @@ def _run_workload(w: Workload, backend: str, hlo_dir: Optional[str]) -> dict:
                                        num_samples=w.samples, max_new_tokens=NEW_TOKENS)
     programs = {"prefill": prefill, "decode": decode}
     pre = memory_of(prefill)
+    per_device = w.batch // sharding.batch_multiple(sharding.decode_mesh(mesh, policy))
     row.update(batch=f"{per_device} prompts x {w.samples}", prefill_step=pre["step"],
                **memory_of(decode))
     # The prefill's output cache is the decode's donated input: the peak is the larger step.

@@ -3,10 +3,12 @@ from .logprob_chunked import chunked_target_logprobs
 from .logprob_pallas import pallas_target_logprobs
 from .target_logprobs import reference_target_logprobs
 from .target_logprobs import target_logprobs
+from .vocab_parallel import vocab_parallel_target_logprobs
 
 __all__ = [
     "chunked_target_logprobs",
     "pallas_target_logprobs",
     "reference_target_logprobs",
     "target_logprobs",
+    "vocab_parallel_target_logprobs",
 ]

@@ -151,7 +151,7 @@ def _block_logits(hidden_NxD, w_blk_DxB, softcap):
       softcap)
 
 
-def _chunked_forward(hidden_NxD, w_out_DxV, targets_N, spec):
+def chunked_forward(hidden_NxD, w_out_DxV, targets_N, spec):
   """(logprob_N, entropy_N, lse_N) by an online log-sum-exp over vocabulary blocks."""
   num_blocks = -(-w_out_DxV.shape[1] // spec.block_v)
 
@@ -250,7 +250,7 @@ def _chunked_backward(hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N, g_logp
                           g_entropy_N, softcap=spec.softcap, block_v=spec.block_v)
 
 
-_chunked = with_blockwise_vjp(_chunked_forward, _chunked_backward)
+_chunked = with_blockwise_vjp(chunked_forward, _chunked_backward)
 
 
 def chunked_target_logprobs(hidden_NxD, w_out_DxV, targets_N, *, softcap=None,

@@ -193,7 +193,7 @@ def _pad(hidden_NxD, w_out_DxV, rows_N, spec):
   return hidden_NxD, w_out_DxV, rows_N, (rows_pad // spec.block_n, vocab_pad // spec.block_v)
 
 
-def _pallas_forward(hidden_NxD, w_out_DxV, targets_N, spec):
+def pallas_forward(hidden_NxD, w_out_DxV, targets_N, spec):
   """(logprob_N, entropy_N, lse_N) from the kernel's per-tile statistics."""
   rows, dim = hidden_NxD.shape
   vocab = w_out_DxV.shape[1]
@@ -231,7 +231,7 @@ def _pallas_forward(hidden_NxD, w_out_DxV, targets_N, spec):
   return logprob_N[:rows], entropy_N[:rows], lse_N[:rows]
 
 
-def _pallas_backward(hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N, g_logprob_N,
+def pallas_backward(hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N, g_logprob_N,
                      g_entropy_N, spec):
   """(d_hidden [N, D], d_w_out [D, V]) by the two backward kernels (the chunked walk on GPU)."""
   if spec.on_gpu:
@@ -277,7 +277,7 @@ def _pallas_backward(hidden_NxD, w_out_DxV, targets_N, lse_N, entropy_N, g_logpr
   return d_hidden_NxD[:rows], d_w_DxV[:, :vocab]
 
 
-_pallas = chunked.with_blockwise_vjp(_pallas_forward, _pallas_backward)
+_pallas = chunked.with_blockwise_vjp(pallas_forward, pallas_backward)
 
 
 def _is_power_of_two(x: int) -> bool:
@@ -321,6 +321,19 @@ def pallas_target_logprobs(hidden_NxD, w_out_DxV, targets_N, *, softcap=None,
     respect to hidden and w_out.
   """
   chunked.validate_inputs(hidden_NxD, w_out_DxV, targets_N, softcap)
+  spec = pallas_spec(hidden_NxD.shape[1], w_out_DxV.shape[1], softcap=softcap,
+                     return_entropy=return_entropy, block_n=block_n, block_v=block_v,
+                     block_d=block_d, bwd_block_v=bwd_block_v, interpret=interpret)
+  dtype = chunked.common_dtype(hidden_NxD, w_out_DxV)
+  logprob_N, entropy_N = _pallas(hidden_NxD.astype(dtype), w_out_DxV.astype(dtype),
+                                 targets_N.astype(jnp.int32), spec)
+  return (logprob_N, entropy_N) if return_entropy else logprob_N
+
+
+def pallas_spec(dim: int, vocab: int, *, softcap, return_entropy, block_n=None, block_v=None,
+                block_d=None, bwd_block_v=chunked.DEFAULT_BLOCK_V, interpret=None) -> _PallasSpec:
+  """The static settings of a call on [N, dim] rows and a [dim, vocab] head (arguments as in
+  pallas_target_logprobs), for `pallas_forward` / `pallas_backward`."""
   backend = jax.default_backend()
   if interpret is None:
     interpret = backend == "cpu"
@@ -328,18 +341,14 @@ def pallas_target_logprobs(hidden_NxD, w_out_DxV, targets_N, *, softcap=None,
   default_n, default_v = _DEFAULT_BLOCKS["tpu" if backend == "tpu" and not interpret else "gpu"]
   block_n = chunked.validate_block("block_n", default_n if block_n is None else block_n)
   block_v = chunked.validate_block("block_v", default_v if block_v is None else block_v)
-  bwd_block_v = min(chunked.validate_block("bwd_block_v", bwd_block_v), w_out_DxV.shape[1])
-  block_d = _pick_block_d(hidden_NxD.shape[1], block_d, on_gpu)
+  bwd_block_v = min(chunked.validate_block("bwd_block_v", bwd_block_v), vocab)
+  block_d = _pick_block_d(dim, block_d, on_gpu)
   if on_gpu:
     for name, size in (("block_n", block_n), ("block_v", block_v), ("block_d", block_d)):
       if size < 16 or not _is_power_of_two(size):
         raise ValueError(f"{name}={size}: the Pallas Triton lowering needs a power of two "
-                         f">= 16 (for block_d, pass one that divides D={hidden_NxD.shape[1]})")
-  spec = _PallasSpec(softcap=None if softcap is None else float(softcap),
+                         f">= 16 (for block_d, pass one that divides D={dim})")
+  return _PallasSpec(softcap=None if softcap is None else float(softcap),
                      with_entropy_grad=bool(return_entropy), block_n=block_n, block_v=block_v,
                      block_d=block_d, bwd_block_v=bwd_block_v, interpret=bool(interpret),
                      on_gpu=on_gpu)
-  dtype = chunked.common_dtype(hidden_NxD, w_out_DxV)
-  logprob_N, entropy_N = _pallas(hidden_NxD.astype(dtype), w_out_DxV.astype(dtype),
-                                 targets_N.astype(jnp.int32), spec)
-  return (logprob_N, entropy_N) if return_entropy else logprob_N

@@ -4,7 +4,8 @@ The jnp reference is itself checked against a float64 NumPy log-softmax. Shapes 
 purpose (N=13, D=24, V=103 against 8 x 32 tiles) so that row padding, vocabulary padding and the
 slid last vocabulary block are all exercised. Float32 tolerance: rtol 1e-5, atol 1e-5 (matmuls
 run at "highest" precision, see conftest.py). The Pallas kernels are also compiled (not run) for
-a TPU through libtpu, the `tpu` extra.
+a TPU through libtpu, the `tpu` extra. The vocabulary-parallel head runs on meshes of the 8 fake
+CPU devices against the single-device reference.
 """
 import re
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from eva_jax import kernels
+from eva_jax import models
 from eva_jax import sharding
 
 N, D, V = 13, 24, 103
@@ -250,3 +252,103 @@ def test_bad_options_raise():
     kernels.pallas_target_logprobs(hidden, w_out, targets, block_d=7)
   with pytest.raises(ValueError, match="block_v"):
     kernels.chunked_target_logprobs(hidden, w_out, targets, block_v=0)
+
+
+# --- the vocabulary-parallel head (8 fake CPU devices, see conftest.py) ----------------------
+
+VP_N, VP_V = 27, 104  # N divides by no mesh (rows are padded); V splits into 8 slices of 13.
+
+
+def _vocab_parallel_inputs():
+  rng = np.random.default_rng(4)
+  hidden = jnp.asarray(rng.normal(size=(VP_N, D)), jnp.float32)
+  w_out = jnp.asarray(0.5 * rng.normal(size=(D, VP_V)), jnp.float32)
+  # Three rows target each of the 8 slices of 13 columns, the rest anywhere.
+  targets = np.concatenate([np.repeat(13 * np.arange(8), 3) + rng.integers(0, 13, 24),
+                            rng.integers(0, VP_V, VP_N - 24)])
+  weights = jnp.asarray(rng.normal(size=(2, VP_N)), jnp.float32)
+  return hidden, w_out, jnp.asarray(targets, jnp.int32), weights
+
+
+# row_chunk: (2, 2, 2) holds 7 rows a device gathered over fsdp (2) in chunks of 3 rows;
+# (1, 8, 1) 4 rows gathered over 8 devices in chunks of 3 (24 // 8), so both walk a ragged last
+# chunk; the Pallas and "reference" walks take one chunk.
+@pytest.mark.parametrize("shape,impl,row_chunk", [
+    ((2, 2, 2), "chunked", 6), ((1, 8, 1), "chunked", 24), ((1, 8, 1), "pallas", 8192),
+    ((4, 1, 2), "reference", 8192)])
+@pytest.mark.parametrize("softcap", [None, SOFTCAP])
+def test_vocab_parallel_matches_single_device(shape, impl, row_chunk, softcap):
+  hidden, w_out, targets, weights = _vocab_parallel_inputs()
+  mesh = sharding.make_mesh(*shape)
+  kwargs = {"chunked": dict(block_v=5), "pallas": dict(block_n=8, block_v=8, interpret=True),
+            "reference": {}}[impl]
+  got, got_grads = _value_and_grads(
+      lambda h, w, t: kernels.vocab_parallel_target_logprobs(
+          h, w, t, mesh=mesh, softcap=softcap, return_entropy=True, impl=impl,
+          row_chunk=row_chunk, **kwargs),
+      hidden, w_out, targets, weights, with_entropy=True)
+  want, want_grads = _value_and_grads(_impl("reference", softcap, True), hidden, w_out, targets,
+                                      weights, with_entropy=True)
+  for name, g, w in zip(["logprob", "entropy", "d_hidden", "d_w_out"], [*got, *got_grads],
+                        [*want, *want_grads]):
+    assert g.dtype == jnp.float32 and g.shape == w.shape, name
+    np.testing.assert_allclose(g, w, err_msg=name, **TOL)
+  # The head's gradient stays split like the head: a [D, V / (fsdp * tensor)] slice a device.
+  slices = shape[1] * shape[2]
+  assert {s.data.shape for s in got_grads[1].addressable_shards} == {(D, VP_V // slices)}
+
+
+def test_vocab_parallel_logprobs_only_and_bad_inputs():
+  hidden, w_out, targets, weights = _vocab_parallel_inputs()
+  mesh = sharding.make_mesh(1, 8, 1)
+  got, got_grads = _value_and_grads(
+      lambda h, w, t: kernels.vocab_parallel_target_logprobs(h, w, t, mesh=mesh, softcap=SOFTCAP,
+                                                             impl="chunked", block_v=8),
+      hidden, w_out, targets, weights, with_entropy=False)
+  want, want_grads = _value_and_grads(_impl("reference", SOFTCAP, False), hidden, w_out,
+                                      targets, weights, with_entropy=False)
+  for name, g, w in zip(["logprob", "d_hidden", "d_w_out"], [got, *got_grads],
+                        [want, *want_grads]):
+    np.testing.assert_allclose(g, w, err_msg=name, **TOL)
+  with pytest.raises(ValueError, match="does not split into 8 slices"):
+    kernels.vocab_parallel_target_logprobs(hidden, w_out[:, :-1], targets, mesh=mesh)
+  with pytest.raises(ValueError, match="'model' is not an axis of the mesh"):
+    kernels.vocab_parallel_target_logprobs(hidden, w_out, targets, mesh=mesh, axes=("model",))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_vocabulary_placement(family):
+  """The embedding [V, D] and an untied head [D, V] split V over fsdp and tensor, and the head's
+  D stays whole, so that the log-probs never need the whole head on a device."""
+  config = models.tiny(family)
+  specs = sharding.param_shardings(config, sharding.make_mesh(2, 2, 2))
+  assert specs["embedding"].spec == jax.sharding.PartitionSpec(("fsdp", "tensor"), None)
+  if not config.tie_embeddings:
+    assert specs["lm_head"].spec == jax.sharding.PartitionSpec(None, ("fsdp", "tensor"))
+
+
+def test_vocab_parallel_compiles_for_tpu_without_the_whole_head():
+  """The vocabulary-parallel head with the Pallas kernels (interpret=False) compiled for a TPU
+  v5e 2x2 with libtpu, the vocabulary over its 4 chips: each kernel is a TPU custom call, and no
+  array of the program spans the whole vocabulary."""
+  pytest.importorskip("libtpu", reason="needs libtpu: pip install -e '.[tpu]'")
+  mesh = sharding.make_mesh(1, 4, 1, devices=sharding.tpu_topology_devices("v5e:2x2"))
+  rows, dim, vocab = 512, 128, 4096
+
+  def loss(h, w, t):
+    logprob, entropy = kernels.vocab_parallel_target_logprobs(
+        h, w, t, mesh=mesh, softcap=30.0, return_entropy=True, impl="pallas", block_n=128,
+        block_v=256, interpret=False)
+    return jnp.sum(logprob + entropy)
+
+  head = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("fsdp", "tensor")))
+  rows_2d, rows_1d = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+  args = [jax.ShapeDtypeStruct((rows, dim), jnp.bfloat16, sharding=rows_2d),
+          jax.ShapeDtypeStruct((dim, vocab), jnp.bfloat16, sharding=head),
+          jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=rows_1d)]
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
+  calls = [line for line in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
+  for kernel in ["target_logprobs_fwd", "target_logprobs_bwd_hidden", "target_logprobs_bwd_w"]:
+    assert any(re.search(rf"(?<![a-z]){kernel}(?![a-z])", line) for line in calls), kernel
+  assert not re.search(rf"\[[0-9,]*{vocab}[0-9,]*\]", hlo)

@@ -1,6 +1,7 @@
 """The decoder family against transformers' PyTorch models, and the HF folder round trip."""
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -85,8 +86,10 @@ def test_rules_from_config_override_the_defaults():
   rules = sharding.rules_from_config({"embed": None, "mlp": ["fsdp", "tensor"]})
   placed = sharding.param_shardings(config, mesh, rules)
   default = sharding.param_shardings(config, mesh)
-  assert tuple(default["embedding"].spec) == ("tensor", "fsdp")
-  assert tuple(placed["embedding"].spec) == ("tensor", None)
+  # The vocabulary takes fsdp and tensor (a vocabulary-parallel head); `embed` moves the rest.
+  assert tuple(default["embedding"].spec) == (("fsdp", "tensor"), None)
+  assert tuple(default["layers"]["attn"]["q"].spec) == (None, "fsdp", "tensor", None)
+  assert tuple(placed["layers"]["attn"]["q"].spec) == (None, None, "tensor", None)
   assert tuple(placed["layers"]["mlp"]["up"].spec) == (None, None, ("fsdp", "tensor"))
   assert sharding.rules_from_config(None) == sharding.DEFAULT_RULES
   with pytest.raises(ValueError, match="unknown logical axis 'embedding'"):
@@ -240,3 +243,158 @@ def test_family_features_not_names_drive_the_model():
   tokens, mask = hf_fixtures.ragged_batch([6, 3], 6)
   np.testing.assert_array_equal(np.asarray(models.forward(gemma, params, tokens, mask)),
                                 np.asarray(models.forward(llama, params, tokens, mask)))
+
+
+def test_sample_step_on_the_split_cache_equals_decode_step_on_a_dense_cache():
+  """The sampler's decode step (shared prompt cache + pre-split generated cache [L, B, N, K, T',
+  E] with 3 slots written) against the dense cache run over prompt + generated + new token."""
+  config = models.tiny("gemma2", sliding_window=5)  # Windows, softcaps, GQA.
+  params = models.init_params(config, jax.random.key(0))
+  b, n, gen_slots, written = 2, 2, 8, 3
+  tokens_BxP, mask_BxP = hf_fixtures.ragged_batch([7, 4], 8, seed=1, side="left")
+  p, r = tokens_BxP.shape[1], b * n
+  gen_RxW = np.asarray(jax.random.randint(jax.random.key(1), (r, written + 1), 0, 256))
+  prompt_pos_BxP = models.positions_from_mask(mask_BxP)
+  prompt_valid_BxP = jnp.asarray(mask_BxP, bool)
+  cache = models.init_cache(config, b, p, jnp.float32)
+  _, cache = models.decode_step(config, params, tokens_BxP, prompt_pos_BxP, cache, 0,
+                                prompt_pos_BxP, prompt_valid_BxP)
+
+  # Reference: each row's own dense cache (its prompt's, repeated), then its 4 tokens at once.
+  rows = lambda x: jnp.repeat(x, n, axis=0)
+  length_R = rows(jnp.asarray(mask_BxP.sum(-1)))
+  gen_pos_RxW = length_R[:, None] + jnp.arange(written + 1)
+  dense = {name: jnp.pad(jnp.repeat(c, n, axis=1), ((0, 0), (0, 0), (0, written + 1),
+                                                    (0, 0), (0, 0))) for name, c in cache.items()}
+  kv_pos_RxS = jnp.concatenate([rows(prompt_pos_BxP), gen_pos_RxW], 1)
+  kv_valid_RxS = jnp.concatenate([rows(prompt_valid_BxP), jnp.ones((r, written + 1), bool)], 1)
+  want_RxWxD, dense = models.decode_step(config, params, gen_RxW, gen_pos_RxW, dense, p,
+                                         kv_pos_RxS, kv_valid_RxS)
+
+  # The split cache holds the first 3 generated tokens' keys/values, taken from the dense run.
+  def generated(c_LxRxSxKxE):
+    gen = jnp.swapaxes(c_LxRxSxKxE[:, :, p:p + written], 2, 3)  # [L, R, K, 3, E]
+    gen = jnp.pad(gen, ((0, 0), (0, 0), (0, 0), (0, gen_slots - written), (0, 0)))
+    return gen.reshape(config.num_layers, b, n, *gen.shape[2:])
+
+  prompt = {name: jnp.swapaxes(c, 2, 3) for name, c in cache.items()}
+  split = models.SplitCache(prompt["k"], prompt["v"], generated(dense["k"]),
+                            generated(dense["v"]), prompt_pos_BxP, prompt_valid_BxP, written)
+  got_RxD, new_kv = models.sample_step(config, params, gen_RxW[:, -1], gen_pos_RxW[:, -1], split)
+  # float32 rounding only (the split softmax sums its three parts in another order).
+  np.testing.assert_allclose(np.asarray(got_RxD), np.asarray(want_RxWxD[:, -1]), atol=1e-5)
+  for name in ("k", "v"):
+    np.testing.assert_allclose(np.asarray(new_kv[name]),
+                               np.asarray(dense[name][:, :, p + written]), atol=1e-6)
+
+
+def _splash_rows(b, t):
+  """A [B, T] mask: full, right-padded, left-padded, a hole in the middle (a prompt then its
+  response), repeated over B rows."""
+  valid = np.ones((4, t), bool)
+  valid[1, t - 57:] = False
+  valid[2, :37] = False
+  valid[3, 40:70] = False
+  return np.resize(valid, (b, t))
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_splash_attention_matches_dense_values_and_grads(softcap):
+  """The splash kernels (Pallas interpreter, 128-token tiles: T = 256 is 2 x 2 tiles) against
+  `_dense_attention`, GQA H=4 over K=2, padding on either side: outputs on real-token rows and
+  the gradients of a loss reading those rows, f32."""
+  from eva_jax.models import attention
+  config = models.tiny("llama", attn_logit_softcap=softcap, query_pre_attn_scalar=8)
+  b, t, h, k, e = 4, 256, 4, 2, 16
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, kk, v, w = (jax.random.normal(key, (b, t, n, e)) for key, n in zip(keys, [h, k, k, h]))
+  valid = jnp.asarray(_splash_rows(b, t))
+  pos = models.positions_from_mask(valid)
+  cotangent = w * valid[:, :, None, None]
+
+  def run(attend):
+    out, vjp = jax.vjp(attend, q, kk, v)
+    return out, vjp(cotangent)
+
+  got, got_grads = jax.jit(lambda: run(
+      lambda *a: attention.splash_attention(config, *a, valid, block=128)))()
+  want, want_grads = run(lambda *a: attention._dense_attention(config, *a, pos, pos, valid, 0))
+  np.testing.assert_allclose(np.asarray(got)[np.asarray(valid)],
+                             np.asarray(want)[np.asarray(valid)], atol=1e-5)
+  for name, g, w_ in zip("qkv", got_grads, want_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w_), atol=1e-5, err_msg=name)
+
+
+def test_splash_forward_matches_dense_on_a_sharded_gemma2():
+  """forward with attention_impl="splash" (interpreted, on a 2 x 2 data/tensor mesh of CPU
+  devices: rows and heads per shard) equals the dense single-device forward on real tokens.
+  Gemma 2 tiny: softcaps, query_pre_attn_scalar, GQA, and a window (8) shorter than T, so the
+  windowed layers take the dense branch and the global ones the kernels."""
+  config = models.tiny("gemma2")
+  params = models.init_params(config, jax.random.key(0))
+  b, t = 4, 128
+  tokens = jax.random.randint(jax.random.key(1), (b, t), 0, config.vocab_size)
+  mask = jnp.asarray(_splash_rows(b, t), jnp.int32)
+  want = jax.jit(lambda p: models.forward(config, p, tokens, mask))(params)
+  splash_config = config.replace(attention_impl="splash")
+  mesh = sharding.make_mesh(2, 1, 2, devices=jax.devices()[:4])
+  with sharding.activation_rules(mesh):
+    got = jax.jit(lambda p: models.forward(splash_config, p, tokens, mask))(params)
+  real = np.asarray(mask, bool)
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+
+
+def test_attention_impl_auto_picks_the_compile_platform():
+  """"auto" is splash only when compiling for TPU (the mesh's platform, so a deviceless TPU
+  compile from this CPU process counts) and T % 128 == 0; "dense"/"splash" are what they say."""
+  from eva_jax.models import attention
+  auto, dense = models.tiny("llama"), models.tiny("llama", attention_impl="dense")
+  assert not attention.uses_splash(auto, 256)
+  with sharding.activation_rules(sharding.make_mesh(2, 1, 1, devices=jax.devices()[:2])):
+    assert not attention.uses_splash(auto, 256)
+  assert attention.uses_splash(auto.replace(attention_impl="splash"), 100)
+  with pytest.raises(ValueError, match="attention_impl"):
+    models.tiny("llama", attention_impl="flash")
+  pytest.importorskip("libtpu", reason="needs libtpu: pip install -e '.[tpu]'")
+  tpu = sharding.make_mesh(1, 1, 1, devices=sharding.tpu_topology_devices("v5e:2x2")[:1])
+  with sharding.activation_rules(tpu):
+    assert attention.uses_splash(auto, 256)
+    assert not attention.uses_splash(auto, 200)
+    assert not attention.uses_splash(dense, 256)
+
+
+def test_splash_attention_compiles_for_tpu():
+  """Values and gradients of `splash_attention` lowered by Mosaic and compiled for a TPU v5e
+  (libtpu, no TPU attached) on a 2 x 2 data/tensor mesh: the forward, dq and dkv kernels are TPU
+  custom calls on each shard's rows and heads, and no collective moves q, k or v."""
+  pytest.importorskip("libtpu", reason="needs libtpu: pip install -e '.[tpu]'")
+  from eva_jax.models import attention
+  mesh = sharding.make_mesh(2, 1, 2, devices=sharding.tpu_topology_devices("v5e:2x2"))
+  config = models.tiny("gemma2", head_dim=128, dtype="bfloat16")
+  b, t, h, k, e = 4, 512, 4, 2, 128
+
+  def arg(shape, names, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype,
+                                sharding=sharding.logical_to_sharding(shape, names, mesh))
+
+  def loss(q, kk, v, valid):
+    return jnp.sum(attention.splash_attention(config, q, kk, v, valid).astype(jnp.float32))
+
+  args = [arg((b, t, h, e), ("act_batch", None, "act_heads", None)),
+          arg((b, t, k, e), ("act_batch", None, "act_kv_heads", None)),
+          arg((b, t, k, e), ("act_batch", None, "act_kv_heads", None)),
+          arg((b, t), ("act_batch", None), jnp.bool_)]
+  # conftest's "highest" matmul precision asks Mosaic for fp32 passes on bf16 dots, which it
+  # refuses; training runs at the default precision.
+  with sharding.activation_rules(mesh), jax.default_matmul_precision("default"):
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
+  calls = [line for line in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
+  for kernel in ["splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"]:
+    named = [line for line in calls if kernel in line]
+    assert len(named) == 1, (kernel, calls)
+    # Operands and results are one shard's: 2 of the 4 rows, 2 of the 4 query heads.
+    shapes = [[int(d) for d in dims.split(",")]
+              for dims in re.findall(r"\[([\d,]+)\]", named[0]) if "512" in dims]
+    assert shapes and all(max(s[:-2], default=1) <= 2 for s in shapes), (kernel, shapes)
+  assert not [line for line in hlo.splitlines()
+              if re.search(r"= \S+ (all-gather|all-to-all|collective-permute)\(", line)]

@@ -57,3 +57,32 @@ def test_online_run_ends_at_the_budget_step_or_the_last(tmp_path, budget, end, r
   assert got["tokens"]["total"] == total
   assert got["curve"] == [[0, 0.0], [total, pytest.approx(0.1 * end)]]
   assert ovo.read_online(str(tmp_path), 4, 0) is None  # Not ended: step 4 never ran.
+
+
+def test_online_seeds_reads_finished_runs_and_tables_the_gains(tmp_path):
+  """experiments/online_seeds.py: a finished default online run is read (final step, win rate,
+  launch wall time) and the table's mean gain is the mean of the hand-computed gains."""
+  from experiments import online_seeds  # pylint: disable=import-outside-toplevel
+  steps = online_seeds.sweep.load_config_module(
+      online_seeds.ovo.arm_spec(online_seeds.ARM, False)).get_config("").online.steps
+  for seed, final in ((0, 0.5), (1, 0.6)):
+    folder = tmp_path / f"online_seed-{seed}"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text(json.dumps(
+        {"kind": "online", "step": steps, "total_policy_tokens": 90,
+         "total_creator_tokens": 10}) + "\n")
+    for s, reward, win in ((0, 0.4, None), (steps, final, 0.6)):
+      _write_json(folder / "online" / f"evaluate_{s:06d}.json",
+                  {"step": s, "heldout_reward": reward, "heldout_by_level": {"6": reward},
+                   "win_rate": win})
+    _write_json(folder / ovo.WALL_FILE, {"seconds": 100.0 + seed, "commits": ["abc"]})
+  args = online_seeds.argparse.Namespace(workdir_root=str(tmp_path), smoke=False,
+                                         summarize_only=True)
+  runs = [online_seeds.run_seed(s, args) for s in (0, 1)]
+  assert online_seeds.run_seed(2, args) is None  # Never launched (summarize_only).
+  assert [(r["heldout_final"], r["win_rate"], r["wall_seconds"]) for r in runs] == [
+      (0.5, 0.6, 100.0), (0.6, 0.6, 101.0)]
+  assert runs[0]["tokens"]["total"] == 100 and runs[0]["commits"] == ["abc"]
+  table = online_seeds.markdown_table(runs, smoke=False)
+  assert "| 0 | " + str(steps) + " | 0.400 | 0.500 | +0.100 |" in table
+  assert "Mean gain over 2 seeds: +0.150" in table  # (0.1 + 0.2) / 2.

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 torch = pytest.importorskip("torch")
 
@@ -222,9 +223,11 @@ def test_buckets_bound_the_number_of_compiles(llama):
   jax.tree.map(np.testing.assert_array_equal, first, again)  # Left padding == right padding.
 
 
-def test_sharded_sampling_matches_unsharded(gemma):
+# Both decode on sharding.decode_mesh (4 data x 2 tensor for 2 KV heads): one compile.
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1)])
+def test_sharded_sampling_matches_unsharded(gemma, shape):
   config, params = gemma
-  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(*shape)
   placed = jax.device_put(params, sharding.param_shardings(config, mesh))
   tokens, mask = hf_fixtures.ragged_batch([12, 3, 7], 12, seed=10)
   kw = dict(rng=jax.random.key(0), eos_ids=[], greedy=True, **SHARED)
@@ -240,12 +243,45 @@ def test_sharded_sampling_matches_unsharded(gemma):
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
 
 
+def test_decode_params_are_prepared_once_tensor_parallel(gemma):
+  """Under a mesh the sampler decodes with the weights whole along the model width and split
+  over `tensor` by heads, MLP width and vocabulary; sample_batched prepares them once."""
+  config, params = gemma
+  mesh = sharding.make_mesh(1, 8, 1)
+  placed = jax.device_put(params, sharding.param_shardings(config, mesh))
+  decode_mesh = sharding.decode_mesh(mesh, config)
+  assert dict(decode_mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+  prepared = sampling.prepare_params(config, placed, mesh)
+  layer = prepared["layers"]
+  for x, spec in [(prepared["embedding"], P("tensor", None)),
+                  (layer["attn"]["q"], P(None, None, "tensor", None)),
+                  (layer["attn"]["k"], P(None, None, "tensor", None)),
+                  (layer["attn"]["o"], P(None, "tensor", None, None)),
+                  (layer["mlp"]["gate"], P(None, None, "tensor")),
+                  (layer["mlp"]["down"], P(None, "tensor", None)),
+                  (layer["input_norm"]["scale"], P())]:
+    assert x.sharding.is_equivalent_to(NamedSharding(decode_mesh, spec), x.ndim), x.sharding
+  assert sampling.prepare_params(config, prepared, mesh) is prepared
+  # Three chunks of the sharded test's shapes (batch bucket 4, width bucket 16): no compile.
+  tokens, mask = hf_fixtures.ragged_batch([12, 3, 7, 9, 10], 12, seed=11)
+  ids = [list(row[m.astype(bool)]) for row, m in zip(tokens, mask)]
+  before = sampling.TRACE_COUNTS["prepare"]
+  sampling.sample_batched(config, placed, ids, rng=jax.random.key(0), batch_size=2, pad_id=0,
+                          greedy=True, eos_ids=[], mesh=mesh, **SHARED)
+  assert sampling.TRACE_COUNTS["prepare"] == before + 1
+
+
 def test_decode_cache_is_donated(llama):
   config, params = llama
   tokens = jnp.ones((4, 16), jnp.int32)  # The shared shapes: no new compile.
   mask = jnp.ones((4, 16), jnp.int32)
   cache, logits = sampling._prefill(config, params, tokens, mask, cache_dtype="float32",
                                     mesh=None, **SHARED)
+  # The generated cache: [L, B, N, K, slots, E], slots a whole number of 128-wide tiles.
+  l, k, e = config.num_layers, config.num_kv_heads, config.head_dim
+  assert cache["generated"]["k"].shape == (l, 4, SHARED["num_samples"], k, 128, e)
+  assert [sampling.generated_slots(t) for t in (1, 2, 129, 130, 2048)] == [128, 128, 128, 256,
+                                                                          2048]
   sampling._decode(config, params, cache, logits, mask, jnp.ones(4, bool),
                    jnp.full((8,), -1, jnp.int32), jax.random.key(0), jnp.float32(1.0),
                    jnp.float32(1.0), pad_id=0, top_k=0, greedy=True, nucleus=False, mesh=None,

@@ -207,8 +207,8 @@ def test_mix_tops_up_the_budget_with_unused_base_pairs_only_when_asked():
 
 
 def test_config_axis_rules_place_the_policy_and_its_update(policy):
-  """An override in `c.mesh.rules` moves the parameters it names (the embedding loses its fsdp
-  split, the MLP goes over fsdp x tensor) for the placed policy and for the state the update
+  """An override in `c.mesh.rules` moves the parameters it names (the layers lose their fsdp
+  split along D, the MLP goes over fsdp x tensor) for the placed policy and for the state the update
   returns; the update's numbers match the default placement's (placement is not math)."""
   from configs import default
   from eva_jax import config_check, sharding
@@ -236,8 +236,10 @@ def test_config_axis_rules_place_the_policy_and_its_update(policy):
     ref = stages.reference(pol, pairs, train_cfg=train_cfg)
     states[name] = stages.train_iteration(pol, pairs, ref, np.random.default_rng(0),
                                           lambda *a: None, train_cfg=train_cfg)
-  for name, spec_embed, spec_up in (("default", ("tensor", "fsdp"), (None, "fsdp", "tensor")),
-                                    ("override", ("tensor", None),
+  # The vocabulary is over fsdp x tensor either way (a vocabulary-parallel head).
+  for name, spec_embed, spec_up in (("default", (("fsdp", "tensor"), None),
+                                     (None, "fsdp", "tensor")),
+                                    ("override", (("fsdp", "tensor"), None),
                                      (None, None, ("fsdp", "tensor")))):
     params = states[name].params
     assert tuple(params["embedding"].sharding.spec) == spec_embed, name

@@ -21,8 +21,8 @@ __all__ = [
     "gemma2_27b", "llama3_8b", "llama3_70b", "mistral_7b", "qwen2_5_0_5b", "qwen2_5_7b", "tiny",
     "init_params", "param_logical_specs", "param_count", "positions_from_mask", "forward",
     "forward_hidden", "output_projection", "logits_from_hidden", "scores_from_hidden",
-    "init_cache", "decode_step", "init_generated_cache", "sample_step", "NoCache", "DenseCache",
-    "SplitCache",
+    "init_cache", "decode_step", "init_generated_cache", "sample_step", "inference_params",
+    "NoCache", "DenseCache", "SplitCache",
 ]
 
 
@@ -126,10 +126,21 @@ def decode_step(config: ModelConfig, params: dict, tokens_BxT: jax.Array,
   return Decoder(config).apply({"params": params}, tokens_BxT, positions_BxT, dense)
 
 
-def init_generated_cache(config: ModelConfig, rows: int, length: int, dtype) -> dict:
-  """The sampler's empty generated-token cache {"k", "v"}: [L, rows, K, length, E] each."""
-  shape = (config.num_layers, rows, config.num_kv_heads, length, config.head_dim)
+def init_generated_cache(config: ModelConfig, prompts: int, samples: int, length: int,
+                         dtype) -> dict:
+  """The sampler's empty generated-token cache {"k", "v"}: [L, prompts, samples, K, length, E]
+  each (`SplitCache.gen_k`: row b * samples + n at [b, n])."""
+  shape = (config.num_layers, prompts, samples, config.num_kv_heads, length, config.head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def inference_params(config: ModelConfig, params: dict) -> dict:
+  """`params` with the weights that the model reads in the compute dtype cast to it, so a
+  sampler reads (and places) them at that width once. Norm scales (read in float32) and the
+  reward head keep their dtype: the outputs are exactly those of `params`."""
+  keep = ("scale", "score")
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x if path[-1].key in keep else x.astype(config.jnp_dtype), params)
 
 
 def sample_step(config: ModelConfig, params: dict, tokens_R: jax.Array, positions_R: jax.Array,

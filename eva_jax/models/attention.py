@@ -1,6 +1,7 @@
 """The three ways a layer attends, one per kind of cache the Attention module is given.
 
-  NoCache     training and `forward`: the T tokens attend among themselves.
+  NoCache     training and `forward`: the T tokens attend among themselves (densely, or through
+              the splash-attention kernels: `ModelConfig.attention_impl`).
   DenseCache  prefill (and any run against a cache): keys/values [B, S, K, E] per layer; the T
               new ones are written at `write_index`, then the T queries read every slot.
   SplitCache  the sampler's one-token decode step: N samples per prompt read one shared,
@@ -28,11 +29,15 @@ R = B * N rows, K key/value heads, G query heads per key/value head, H = K * G, 
 """
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec as P
 
 from eva_jax.kernels.logprob_chunked import apply_softcap
 from eva_jax.models.config import ModelConfig
@@ -65,15 +70,117 @@ def _dense_attention(config: ModelConfig, q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, posit
   return out_BxTxKxGxE.reshape(b, t, h, e)
 
 
+# The kernels tile T in blocks of a multiple of 128 (the TPU lane width).
+_SPLASH_LANES = 128
+
+
+def compile_platform() -> str:
+  """The platform the program being traced is compiled for.
+
+  The mesh in context (`jax.set_mesh`, which `sharding.activation_rules` sets) names it even
+  when no such device is attached: the memory plan compiles TPU programs ahead of time from a
+  CPU process, where `jax.default_backend()` says "cpu". Without a mesh the program runs on the
+  default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
+def uses_splash(config: ModelConfig, seq_len: int) -> bool:
+  """Whether T = seq_len tokens attend among themselves through `splash_attention`."""
+  if config.attention_impl == "auto":
+    return compile_platform() == "tpu" and seq_len % _SPLASH_LANES == 0
+  return config.attention_impl == "splash"
+
+
+def _mesh_axes(mesh, logical: str, *dims: int):
+  """The mesh axes the activation rules give `logical`, if they divide every one of `dims`
+  (else None: that dimension is replicated, as `sharding.logical_to_sharding` does)."""
+  axes = nn.logical_to_mesh_axes((logical,))[0]
+  flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  flat = tuple(a for a in flat if a in mesh.shape)
+  size = math.prod(mesh.shape[a] for a in flat)
+  if not flat or any(d % size for d in dims):
+    return None
+  return flat
+
+
+def splash_attention(config: ModelConfig, q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, valid_BxT,
+                     block: Optional[int] = None) -> Array:
+  """Causal self-attention of T tokens through the splash-attention kernels -> [B, T, H, E].
+
+  Never forms the [B, K, G, T, T] scores, forward or backward (the kernels' own VJP
+  recomputes them tile by tile). Padding goes in as segment ids: a real token attends to the
+  real tokens at or before it, which is the dense rule (`_dense_attention`: valid slots at
+  positions <= the query's) since `positions_from_mask` numbers real tokens in order. Padding
+  tokens attend to the padding before them, not to real tokens as in the dense path: their
+  rows differ, and no caller reads them. T is padded up to a multiple of 128 with padding.
+  Under a mesh the kernels run per shard: rows over the batch axes, heads over the tensor axes
+  when they divide both H and K (query head h reads key/value head h // G, as in the dense
+  path). block: the kernels' tile (default the largest of 512, 256, 128 dividing T).
+  """
+  b, t, h, e = q_BxTxHxE.shape
+  dt = config.jnp_dtype
+  t_pad = -(-t // _SPLASH_LANES) * _SPLASH_LANES
+  block = block or next(s for s in (512, 256, _SPLASH_LANES) if t_pad % s == 0)
+  interpret = compile_platform() != "tpu"
+
+  def attend_shard(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segments_BxT):
+    heads = q_BxTxHxE.shape[2]
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = splash.make_splash_mha(
+        splash.MultiHeadMask([splash.CausalMask((t_pad, t_pad))] * heads), block_sizes=sizes,
+        head_shards=1, q_seq_shards=1, attn_logits_soft_cap=config.attn_logit_softcap,
+        interpret=interpret)
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, N, E] <-> [B, N, T, E]
+    out_BxHxTxE = jax.vmap(kernel)(heads_major(q_BxTxHxE), heads_major(k_BxTxKxE),
+                                   heads_major(v_BxTxKxE),
+                                   splash.SegmentIds(segments_BxT, segments_BxT))
+    return heads_major(out_BxHxTxE)
+
+  pad = ((0, 0), (0, t_pad - t), (0, 0), (0, 0))
+  args = (jnp.pad((q_BxTxHxE * _query_scale(config)).astype(dt), pad),
+          jnp.pad(k_BxTxKxE.astype(dt), pad), jnp.pad(v_BxTxKxE.astype(dt), pad),
+          jnp.pad(valid_BxT.astype(jnp.int32), pad[:2]))
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    rows = _mesh_axes(mesh, "act_batch", b)
+    heads = _mesh_axes(mesh, "act_heads", h, config.num_kv_heads)
+    spec = P(rows, None, heads, None)
+    # check_vma off: Pallas kernels carry no varying-mesh-axes types (as jax's own shard_mapped
+    # Pallas ops do).
+    attend_shard = jax.shard_map(attend_shard, mesh=mesh, in_specs=(spec, spec, spec, P(rows)),
+                                 out_specs=spec, check_vma=False)
+  return attend_shard(*args)[:, :t].astype(dt)
+
+
 class NoCache(NamedTuple):
-  """The T tokens attend among themselves; kv_valid_BxT is 1 on real tokens."""
+  """The T tokens attend among themselves; kv_valid_BxT is 1 on real tokens.
+
+  Through `splash_attention` where `uses_splash` says so. A layer whose window is shorter than
+  T attends densely (lax.cond on the scanned window): the kernels' local mask counts slots,
+  which equals positions only when a row's real tokens are contiguous, and callers may pad
+  anywhere. Windows >= T (Gemma 2 and Mistral at <= 4096 tokens) are plain causal."""
   kv_valid_BxT: Array
   LAYER_FIELDS = ()
 
   def attend(self, config, q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, window):
-    out = _dense_attention(config, q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT,
-                           positions_BxT, self.kv_valid_BxT, window)
-    return out, {}
+    def dense():
+      return _dense_attention(config, q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT,
+                              positions_BxT, self.kv_valid_BxT, window)
+
+    def causal_splash():
+      return splash_attention(config, q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, self.kv_valid_BxT)
+
+    t = q_BxTxHxE.shape[1]
+    if not uses_splash(config, t):
+      return dense(), {}
+    if all(w <= 0 or w >= t for w in config.layer_windows):
+      return causal_splash(), {}
+    return jax.lax.cond((window > 0) & (window < t), dense, causal_splash), {}
 
 
 class DenseCache(NamedTuple):
@@ -101,9 +208,11 @@ class SplitCache(NamedTuple):
   """One new token per row (T = 1, R = B * N rows, prompt-major: row b * N + n).
 
   prompt_k, prompt_v: [L, B, K, P, E], only read; prompt_positions_BxP / prompt_valid_BxP: per
-  prompt slot, its position and whether it holds a real token. gen_k, gen_v: [L, R, K, T', E],
-  generated slot j = the row's j-th generated token, slots [0, num_written) written;
-  num_written is one count for every row, or one per row [R] (the continuous sampler's slots).
+  prompt slot, its position and whether it holds a real token. gen_k, gen_v: [L, B, N, K, T', E]
+  (row b * N + n at [b, n]), generated slot j = the row's j-th generated token, slots
+  [0, num_written) written; num_written is one count for every row, or one per row [R] (the
+  continuous sampler's slots). The generated cache is stored split by prompt so that a layer's
+  slice goes straight into the einsums: a reshape between the two would copy it every step.
   """
   prompt_k: Optional[Array]
   prompt_v: Optional[Array]
@@ -125,9 +234,9 @@ class SplitCache(NamedTuple):
     v_new = v_Rx1xKxE[:, 0].astype(self.gen_v.dtype)
 
     q_BxNxKxGxE = (q_RxHxE * _query_scale(config)).reshape(b, n, k, g, e)
-    gen_len = self.gen_k.shape[2]
-    gen_k_BxNxKxTxE = self.gen_k.reshape(b, n, k, gen_len, e).astype(dt)
-    gen_v_BxNxKxTxE = self.gen_v.reshape(b, n, k, gen_len, e).astype(dt)
+    gen_len = self.gen_k.shape[3]
+    gen_k_BxNxKxTxE = self.gen_k.astype(dt)
+    gen_v_BxNxKxTxE = self.gen_v.astype(dt)
     f32, cap = jnp.float32, config.attn_logit_softcap
     s_prompt = apply_softcap(jnp.einsum("BNKGE,BKPE->BNKGP", q_BxNxKxGxE,
                                         self.prompt_k.astype(dt), preferred_element_type=f32), cap)

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import jax.numpy as jnp
 
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+ATTENTION_IMPLS = ("auto", "dense", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,11 @@ class ModelConfig:
   # Rematerialisation of each block in the backward pass: "none", "full", "dots"
   # (save matmul outputs, recompute the rest).
   remat: str = "none"
+  # How the T tokens of training / scoring attend among themselves (`NoCache`): "dense" forms
+  # the [B, K, G, T, T] scores; "splash" runs the splash-attention kernels (interpreted off TPU;
+  # T padded up to a multiple of 128); "auto" is splash when compiling for TPU and T % 128 == 0,
+  # dense otherwise. Caches (prefill, decode) always attend densely.
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     if self.family not in FAMILY_FEATURES:
@@ -90,6 +96,9 @@ class ModelConfig:
           f"{self.num_layers} layers")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"ModelConfig.remat must be 'none', 'full' or 'dots', got {self.remat!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, got "
+                       f"{self.attention_impl!r}")
 
   @property
   def is_reward_model(self) -> bool:

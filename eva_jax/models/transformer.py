@@ -195,5 +195,5 @@ class Decoder(nn.Module):
              pdt)
     elif not cfg.tie_embeddings:
       _param(self, "lm_head", nn.initializers.normal(0.02), (d, cfg.vocab_size),
-             ("embed", "vocab"), pdt)
+             ("embed_head", "vocab"), pdt)
     return hidden_BxTxD, layer_out
