@@ -4,7 +4,7 @@ arg = "<loss>,<prompts>[,<slice>][,<reward model>][,<model>][,split3]":
   loss          dpo | sppo | sppo_hard | simpo | orpo | rpo | ipo
   prompts       eva (the creator evolves prompts) | static (fresh UltraFeedback prompts instead)
   slice         v5p-8 (default) | v5e-64 | v5e-32: mesh and micro-batch sized by
-                experiments/memory_plan.py (v5e-32 does not fit yet: see SLICES)
+                experiments/memory_plan.py (see SLICES)
   reward model  armorm (default, ArmoRM-Llama3-8B-v0.1, the paper's, scored by its gated head:
                 reward.kind "armorm") | skywork27b (Skywork-Reward-Gemma-2-27B-v0.2, the paper's
                 reward-scaling option) | skywork8b (-Llama-3.1-8B); the Skywork ones are plain
@@ -142,15 +142,15 @@ REWARD_MODELS = {
 # scoring batch, sized by experiments/memory_plan.py for the 9B policy (TPU compiler figures,
 # GiB per chip). JAX devices are chips: v5e-32/-64 are 32/64 chips of 16 GiB; v5p-8 is
 # 8 TensorCores = 4 chips of 95 GiB.
-#   v5p-8   update 91.8 of 95 with 1 pair per chip (2 pairs: 96.9, too much).
-#   v5e-32  update 18.3 of 16 with 1 pair per 2 chips on fsdp 16 x tensor 2 (fsdp 32: 20.5):
-#           does NOT fit until the LM head stops being gathered whole and Run.params is freed
-#           (see the memory plan); kept for then. (bfloat16 master weights would fit, 13.5,
-#           but lose every update at these learning rates.)
-#   v5e-64  update 10.8 of 16 with 1 pair per chip on fsdp 64.
-# Sampling (N = 6, 1024 + 2048 tokens) holds a 336 KiB-per-token KV cache (twice, in the decode
-# loop): sampling.batch_size prompts per call (set to 16 below) must be 16 or fewer on v5p-8 and
-# 32 or fewer on v5e-32.
+#   v5p-8   update 89.1 of 95 with 1 pair per chip (2 pairs: 92.1); RLOO update 79.2.
+#   v5e-32  update 14.5 of 16 with 1 pair per chip on fsdp 32 (the fsdp 16 x tensor 2 mesh
+#           below is not yet recompiled with the vocabulary-parallel head and splash attention:
+#           it needed 18.3 before them).
+#   v5e-64  update 14.3 of 16 with 1 pair per chip on fsdp 64.
+# Sampling (N = 6, 1024 + 2048 tokens) decodes tensor-parallel (sharding.decode_mesh) with a
+# 336 KiB-per-token KV cache: 64 prompts per call take 14.6 of 16 GiB on v5e-32, and the online
+# 16 x 4 a call 63.9 of 95 on v5p-8. sampling.batch_size (16 below) stays at what every slice
+# holds. Source: experiments/results/tpu_plan.json (README "On accelerators").
 SLICES = {
     "v5p-8": dict(mesh=(1, 4, 1), pairs_per_device=1, reward_batch=16),
     "v5e-32": dict(mesh=(1, 16, 2), pairs_per_device=1, reward_batch=32),
