@@ -29,13 +29,14 @@ prompts x 6).
 Memory (experiments/memory_plan.py --backend=tpu, deviceless compiles with libtpu; GiB per
 chip, program step + what stays resident):
   rloo_v5p8_mb1       the update, 128 rows of 1024 + 2048 tokens, 1 row per chip x 32
-                      micro-batches: 61.2 + 21.3 (θ_0, reward model) = 82.5 of 95
-  sample_v5p8_online  16 prompts x 4 samples per call (sampling.batch_size 16; 4 per chip):
-                      39.7 + 38.5 (θ_0, the AdamW moments, reward model) = 78.2 of 95
+                      micro-batches: 57.9 + 21.3 (θ_0, reward model) = 79.2 of 95
+  sample_v5p8_online  16 prompts x 4 samples per call (sampling.batch_size 16), decoded
+                      tensor-parallel over the 4 chips: 16.8 + 47.1 (the policy, θ_0, the
+                      AdamW moments, reward model) = 63.9 of 95
   rloo_v5e64_mb1      the update on v5e-64, 1 row per chip x 2 micro-batches:
-                      12.5 + 1.3 = 13.8 of 16
-  sample_v5e64_online one call on all 32 prompts, padded to the mesh's 64 (1 x 4 per chip):
-                      9.9 + 2.4 = 12.3 of 16
+                      9.2 + 1.3 = 10.5 of 16
+  sample_v5e64_online one call on all 32 prompts, padded to the mesh's 64:
+                      5.3 + 3.0 = 8.3 of 16
 (The reward model resident in the plan is the 27B Skywork one, larger than ArmoRM's 8B.)
 The two log-prob forwards per step (π_old, θ_0) run the update's forward on the same rows
 without gradients or optimizer state, so the update's row bounds them.
