@@ -29,14 +29,15 @@ prompts x 6).
 Memory (experiments/memory_plan.py --backend=tpu, deviceless compiles with libtpu; GiB per
 chip, program step + what stays resident):
   rloo_v5p8_mb1       the update, 128 rows of 1024 + 2048 tokens, 1 row per chip x 32
-                      micro-batches: 57.9 + 21.3 (θ_0, reward model) = 79.2 of 95
+                      micro-batches: 57.9 + 17.0 (θ_0 in bfloat16, reward model) = 74.9
+                      of 95 (21 % free)
   sample_v5p8_online  16 prompts x 4 samples per call (sampling.batch_size 16), decoded
-                      tensor-parallel over the 4 chips: 16.8 + 47.1 (the policy, θ_0, the
-                      AdamW moments, reward model) = 63.9 of 95
+                      tensor-parallel over the 4 chips: 16.8 + 42.8 (the policy, θ_0, the
+                      AdamW moments, reward model) = 59.6 of 95 (37 % free)
   rloo_v5e64_mb1      the update on v5e-64, 1 row per chip x 2 micro-batches:
-                      9.2 + 1.3 = 10.5 of 16
+                      9.2 + 1.1 = 10.3 of 16 (36 % free)
   sample_v5e64_online one call on all 32 prompts, padded to the mesh's 64:
-                      5.3 + 3.0 = 8.3 of 16
+                      5.3 + 2.7 = 8.0 of 16 (50 % free)
 (The reward model resident in the plan is the 27B Skywork one, larger than ArmoRM's 8B.)
 The two log-prob forwards per step (π_old, θ_0) run the update's forward on the same rows
 without gradients or optimizer state, so the update's row bounds them.

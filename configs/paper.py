@@ -138,23 +138,23 @@ REWARD_MODELS = {
     "skywork8b": ("neural", "/mnt/models/Skywork-Reward-Llama-3.1-8B-v0.2"),
 }
 # Per TPU slice: mesh (data, fsdp, tensor), pairs per batch shard (data x fsdp; per chip when
-# tensor is 1) in one micro-batch, and the reward
-# scoring batch, sized by experiments/memory_plan.py for the 9B policy (TPU compiler figures,
-# GiB per chip). JAX devices are chips: v5e-32/-64 are 32/64 chips of 16 GiB; v5p-8 is
-# 8 TensorCores = 4 chips of 95 GiB.
-#   v5p-8   update 89.1 of 95 with 1 pair per chip (2 pairs: 92.1); RLOO update 79.2.
-#   v5e-32  update 14.5 of 16 with 1 pair per chip on fsdp 32 (the fsdp 16 x tensor 2 mesh
-#           below is not yet recompiled with the vocabulary-parallel head and splash attention:
-#           it needed 18.3 before them).
-#   v5e-64  update 14.3 of 16 with 1 pair per chip on fsdp 64.
-# Sampling (N = 6, 1024 + 2048 tokens) decodes tensor-parallel (sharding.decode_mesh) with a
-# 336 KiB-per-token KV cache: 64 prompts per call take 14.6 of 16 GiB on v5e-32, and the online
-# 16 x 4 a call 63.9 of 95 on v5p-8. sampling.batch_size (16 below) stays at what every slice
-# holds. Source: experiments/results/tpu_plan.json (README "On accelerators").
+# tensor is 1) in one micro-batch, prompts per sampling call and the reward scoring batch, sized
+# by experiments/memory_plan.py for the 9B policy (TPU compiler figures, GiB per chip, program
+# + what the runner keeps resident beside it; experiments/results/tpu_plan.json). JAX devices
+# are chips: v5e-32/-64 are 32/64 chips of 16 GiB; v5p-8 is 8 TensorCores = 4 chips of 95 GiB.
+# The update holds the train state and the reward model (θ_t is donated into the state):
+#   v5p-8   71.9 of 95 with 1 pair per chip (24 % free; 2 pairs: 74.8, 21 %).
+#   v5e-32  12.4 of 16 with 1 pair per chip on fsdp 32 (23 % free).
+#   v5e-64  13.2 of 16 with 1 pair per chip on fsdp 64 (18 % free: short of the 20 % aimed at).
+# Sampling (N = 6, 1024 + 2048 tokens) decodes tensor-parallel (sharding.decode_mesh: 8-way over
+# the KV heads on v5e, 4-way on v5p-8) with a 336 KiB-per-token KV cache, beside θ_t and the
+# reward model: 32 prompts per call take 9.2 of 16 on v5e-32 (42 % free; 64 prompts: 13.5,
+# 16 %). v5e-64 decodes the same weight shares with half the rows per chip, so 32 prompts take
+# less there. 16 prompts x 6 on v5p-8: see tpu_plan.json (the online 16 x 4 takes 59.6 of 95).
 SLICES = {
-    "v5p-8": dict(mesh=(1, 4, 1), pairs_per_device=1, reward_batch=16),
-    "v5e-32": dict(mesh=(1, 16, 2), pairs_per_device=1, reward_batch=32),
-    "v5e-64": dict(mesh=(1, 64, 1), pairs_per_device=1, reward_batch=64),
+    "v5p-8": dict(mesh=(1, 4, 1), pairs_per_device=1, sample_batch=16, reward_batch=16),
+    "v5e-32": dict(mesh=(1, 32, 1), pairs_per_device=1, sample_batch=32, reward_batch=32),
+    "v5e-64": dict(mesh=(1, 64, 1), pairs_per_device=1, sample_batch=32, reward_batch=64),
 }
 # (train.beta, hparams, optimizer, learning rate, epochs, batch size, schedule) per loss.
 LOSS_SETTINGS = {
@@ -268,9 +268,7 @@ def get_config(arg: str = "dpo,eva") -> ml_collections.ConfigDict:
   c.train.max_prompt_length = 1024
   c.train.logprob_impl = "auto"  # The Pallas kernel on TPU.
 
-  # The memory plan (experiments/memory_plan.py): at most 16 prompts x 6 samples of 2048-token
-  # KV cache per call fit beside the 9B weights on v5p-8 and v5e-32.
-  c.sampling.batch_size = 16
+  c.sampling.batch_size = hw["sample_batch"]  # Per slice: see SLICES.
   c.sft.steps = 0  # Every policy here is already instruction-tuned: no warm-start.
   c.eval.temperature = 0.0
   c.eval.max_new_tokens = 2048

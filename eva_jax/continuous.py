@@ -43,8 +43,8 @@ import numpy as np
 from eva_jax import models, sharding, token_select
 from eva_jax.models.config import ModelConfig
 from eva_jax.sampling import (MAX_EOS, MIN_PROMPT_BUCKET, SampleOutput, cache_sharding,
-                              generated_slots, inference_config, on_batch, raise_if_non_finite,
-                              round_up_bucket)
+                              generated_slots, inference_config, on_batch, prepare_params,
+                              prompt_prefill, raise_if_non_finite, round_up_bucket)
 
 # Traces of each jitted program; a test reads it to check the compile count.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -123,18 +123,12 @@ def _prefill(config: ModelConfig, params: dict, prompts_CxW, mask_CxW, prompt_C,
   """Runs C prompts once -> their Table, padded to `width` slots."""
   TRACE_COUNTS["prefill"] += 1
   config = inference_config(config)
-  c, w = prompts_CxW.shape
+  w = prompts_CxW.shape[1]
+  cache, logits_CxV = prompt_prefill(config, params, prompts_CxW, mask_CxW, cache_dtype)
   valid_CxW = mask_CxW.astype(bool)
   positions_CxW = models.positions_from_mask(mask_CxW)
-  cache = models.init_cache(config, c, w, cache_dtype)
-  hidden_CxWxD, cache = models.decode_step(config, params, prompts_CxW, positions_CxW, cache, 0,
-                                           positions_CxW, valid_CxW)
-  last_C = w - 1 - jnp.argmax(valid_CxW[:, ::-1], axis=-1)
-  hidden_CxD = jnp.take_along_axis(hidden_CxWxD, last_C[:, None, None], axis=1)[:, 0]
-  logits_CxV = models.logits_from_hidden(config, params, hidden_CxD)
   pad = lambda x, axis: jnp.pad(x, [(0, width - w if i == axis else 0) for i in range(x.ndim)])
-  # [L, C, W, K, E] -> [L, C, K, P, E]
-  kv = {name: pad(jnp.swapaxes(x, 2, 3), 3) for name, x in cache.items()}
+  kv = {name: pad(x, 3) for name, x in cache.items()}
   return Table(kv["k"], kv["v"], pad(positions_CxW, 1), pad(valid_CxW, 1),
                valid_CxW.sum(-1).astype(jnp.int32), logits_CxV, prompt_C)
 
@@ -331,7 +325,8 @@ def sample_continuous(config: ModelConfig, params: dict, prompt_ids: Sequence[Se
   module docstring. Returns a SampleOutput of NumPy arrays ([P, N, T] tokens, ...) in prompt
   order, as `sampling.sample_batched` does; the sampling arguments are `sampling.sample`'s.
 
-  slots: decode rows, rounded up to whole groups (and to the mesh's batch multiple of groups).
+  slots: decode rows, rounded up to whole groups (and to the decode mesh's batch multiple of
+    groups: `sharding.decode_mesh`).
   group: slots per prompt group, Z (default and at most num_samples).
   chunk: prompts prefilled at a time, C (default: the number of groups).
   order: the order prompts are served (a permutation of their indices; default as given). It
@@ -351,6 +346,10 @@ def sample_continuous(config: ModelConfig, params: dict, prompt_ids: Sequence[Se
                      f"{config.vocab_size}), got {eos}")
   if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.wrap_key_data(rng)  # A raw uint32 key (jax.random.PRNGKey).
+  # Cast and placed once, tensor parallel on the decode mesh, as `sampling.sample` decodes.
+  params = prepare_params(config, params, mesh, rules)
+  if mesh is not None:
+    mesh, rules = sharding.decode_mesh(mesh, config), sharding.decode_rules(rules)
   multiple = 1 if mesh is None else sharding.batch_multiple(mesh)
   z = min(group, n)
   g = -(-slots // z)

@@ -35,8 +35,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from eva_jax import (config_check, console, context, creator, export, fileio, online, report,
-                     runner, sampling, sharding, stages, train, train_state)
+from eva_jax import (config_check, console, context, creator, export, fileio, models, online,
+                     report, runner, sampling, sharding, stages, train, train_state)
 from eva_jax import workdir as wd
 from eva_jax.online_buffer import OnlineBuffer, SourceStream, is_evolve_step
 
@@ -255,6 +255,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                            params=ref_params, rules=policy.rules)
       buf = OnlineBuffer()
       buf.refill(stream, oc.base_pool, step=0)
+    # The frozen reference only feeds forwards, which read it in the compute dtype: held so
+    # (bfloat16 for the paper configs, half the float32 copy; its log-probs are unchanged).
+    ref_params = models.inference_params(policy.model_config, ref_params)
     eval_steps = _eval_steps(oc)
     ended = start == oc.steps or budget_reached(buf.counters, oc.token_budget)
     # Evaluated before their checkpoints were saved: read back, never recomputed.

@@ -145,15 +145,9 @@ def _iteration(ctx, t: int, baseline: Optional[dict]) -> dict:
   with console.Stage(ctx.metrics, "train", t) as st:
     if not ctx.checkpoints.has(t + 1):
       st.computed = True
-      last = {}
-
-      def log_step(s, e, m):
-        last.update(m)
-        ctx.metrics.log("train", t * 100_000 + s, iteration=t, epoch=e, **m)
-      state = stages.train_iteration(policy, pairs, ref, stages.stage_rng(c.seed, t, "train"),
-                                     log_step, train_cfg=c.train, progress=console.bar)
-      ctx.checkpoints.save(t + 1, state)
-      st.note(steps=int(state.step), **{k: last[k] for k in ("loss",) if k in last})
+      st.note(**_train(ctx, t, policy, pairs, ref))
+  # θ_t is done with (the update took its buffers over): evaluation holds only θ_{t+1}.
+  policy = None
 
   def evaluate():
     out = _evaluate(ctx, ctx.policy_at(t + 1), t)
@@ -171,6 +165,20 @@ def _iteration(ctx, t: int, baseline: Optional[dict]) -> dict:
     st.note(heldout_reward=result["heldout_reward"],
             **({"win_rate": result["win_rate"]} if result["win_rate"] is not None else {}))
   return result
+
+
+def _train(ctx, t: int, policy, pairs: list[dict], ref: dict) -> dict:
+  """θ_t → θ_{t+1}, saved as checkpoint t + 1 -> the stage's summary. The state is donated
+  θ_t's buffers and dropped on return, so no weights outlive the stage but the checkpoint's."""
+  c, last = ctx.config, {}
+
+  def log_step(s, e, m):
+    last.update(m)
+    ctx.metrics.log("train", t * 100_000 + s, iteration=t, epoch=e, **m)
+  state = stages.train_iteration(policy, pairs, ref, stages.stage_rng(c.seed, t, "train"),
+                                 log_step, train_cfg=c.train, progress=console.bar, donate=True)
+  ctx.checkpoints.save(t + 1, state)
+  return dict(steps=int(state.step), **{k: last[k] for k in ("loss",) if k in last})
 
 
 def _topics(prompts: list[dict]):

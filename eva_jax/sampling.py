@@ -107,6 +107,24 @@ def on_batch(x: jax.Array, mesh) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.ndim))
 
 
+def prompt_prefill(config: ModelConfig, params: dict, prompts_BxP: jax.Array,
+                   mask_BxP: jax.Array, cache_dtype) -> tuple[dict, jax.Array]:
+  """The prompts through the decoder once, inside a jitted sampler -> (their KV cache {"k", "v"}
+  [L, B, K, P, E] in `models.SplitCache`'s prompt layout, the last prompt token's logits
+  [B, V]). `config` is the sampler's (`inference_config`)."""
+  b, p = prompts_BxP.shape
+  valid_BxP = mask_BxP.astype(bool)
+  positions_BxP = models.positions_from_mask(mask_BxP)
+  cache = models.init_cache(config, b, p, cache_dtype)
+  hidden_BxPxD, cache = models.decode_step(config, params, prompts_BxP, positions_BxP, cache,
+                                           0, positions_BxP, valid_BxP)
+  last_B = p - 1 - jnp.argmax(valid_BxP[:, ::-1], axis=-1)
+  hidden_BxD = jnp.take_along_axis(hidden_BxPxD, last_B[:, None, None], axis=1)[:, 0]
+  # [L, B, P, K, E] -> [L, B, K, P, E]
+  return ({name: jnp.swapaxes(x, 2, 3) for name, x in cache.items()},
+          models.logits_from_hidden(config, params, hidden_BxD))
+
+
 @functools.partial(jax.jit, static_argnames=("config", "num_samples", "max_new_tokens",
                                              "cache_dtype", "mesh", "rules"))
 def _prefill(config: ModelConfig, params: dict, prompts_BxP: jax.Array, mask_BxP: jax.Array, *,
@@ -121,16 +139,8 @@ def _prefill(config: ModelConfig, params: dict, prompts_BxP: jax.Array, mask_BxP
   """
   TRACE_COUNTS["prefill"] += 1
   config = inference_config(config)
-  b, p = prompts_BxP.shape
-  valid_BxP = mask_BxP.astype(bool)
-  positions_BxP = models.positions_from_mask(mask_BxP)
-  prompt_cache = models.init_cache(config, b, p, cache_dtype)
-  hidden_BxPxD, prompt_cache = models.decode_step(config, params, prompts_BxP, positions_BxP,
-                                                  prompt_cache, 0, positions_BxP, valid_BxP)
-  last_B = p - 1 - jnp.argmax(valid_BxP[:, ::-1], axis=-1)
-  hidden_BxD = jnp.take_along_axis(hidden_BxPxD, last_B[:, None, None], axis=1)[:, 0]
-  logits_BxV = models.logits_from_hidden(config, params, hidden_BxD)
-  prompt_cache = jax.tree.map(lambda c: jnp.swapaxes(c, 2, 3), prompt_cache)
+  prompt_cache, logits_BxV = prompt_prefill(config, params, prompts_BxP, mask_BxP, cache_dtype)
+  b = prompts_BxP.shape[0]
   cache = {"prompt": prompt_cache, "generated": models.init_generated_cache(
       config, b, num_samples, generated_slots(max_new_tokens), cache_dtype)}
   if mesh is not None:

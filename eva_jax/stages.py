@@ -325,11 +325,14 @@ def _train_step(policy: Policy, opt_cfg, loss_cfg):
 
 
 def train_iteration(policy: Policy, pairs: list[dict], ref: dict, rng, log_step, *,
-                    train_cfg, progress=no_progress) -> train_state.TrainState:
+                    train_cfg, progress=no_progress,
+                    donate: bool = False) -> train_state.TrainState:
   """Preference optimization θ_t → θ_{t+1} over train_cfg.epochs passes of the pairs.
 
   The schedule spans the step count of a full budget (train_cfg.num_pairs pairs), the same for
   every iteration, so one compiled update serves the whole run. log_step(step, epoch, metrics).
+  `donate`: the train state takes policy.params' buffers over (the caller is done with θ_t),
+  so the device holds one copy of the weights during the update, not two.
   """
   t = train_cfg
   opt_cfg = optimizer_config(
@@ -338,7 +341,7 @@ def train_iteration(policy: Policy, pairs: list[dict], ref: dict, rng, log_step,
                               accum_steps=t.grad_accum, logprob_impl=t.logprob_impl)
   optimizer, step = _train_step(policy, opt_cfg, loss_cfg)
   state = train_state.init_train_state(policy.model_config, optimizer, policy.mesh,
-                                       params=policy.params, rules=policy.rules)
+                                       params=policy.params, rules=policy.rules, donate=donate)
   if not pairs:
     return state
   steps = t.epochs * math.ceil(len(pairs) / train_batch_size(policy.mesh, t))

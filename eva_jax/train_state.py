@@ -146,11 +146,14 @@ def state_shardings(config: models.ModelConfig, optimizer: optax.GradientTransfo
 
 
 def init_train_state(config: models.ModelConfig, optimizer: optax.GradientTransformation, mesh,
-                     *, rng=None, params=None, rules=sharding.DEFAULT_RULES) -> TrainState:
+                     *, rng=None, params=None, rules=sharding.DEFAULT_RULES,
+                     donate: bool = False) -> TrainState:
   """A sharded TrainState at step 0, from fresh random params (`rng`) or given `params`.
 
   Either way one jitted init with `out_shardings` creates it, so a full-size model's weights
-  and optimizer state are born sharded. Given params are copied (not donated).
+  and optimizer state are born sharded. Given params are copied, unless `donate`: then the
+  state takes their buffers over (no second copy of the weights on the device) and the
+  caller's arrays are deleted when they already sit where the state places them.
   """
   if (rng is None) == (params is None):
     raise ValueError("init_train_state: pass exactly one of rng (fresh params) or params")
@@ -160,4 +163,5 @@ def init_train_state(config: models.ModelConfig, optimizer: optax.GradientTransf
                    out_shardings=shardings)
     return init(rng)
   params = jax.device_put(params, shardings.params)
-  return jax.jit(lambda p: _new_state(optimizer, p), out_shardings=shardings)(params)
+  return jax.jit(lambda p: _new_state(optimizer, p), out_shardings=shardings,
+                 donate_argnums=(0,) if donate else ())(params)

@@ -118,9 +118,12 @@ def memory_of(compiled) -> dict:
   return out
 
 
-def params_bytes_per_device(config: models.ModelConfig, mesh) -> int:
-  """Bytes of one copy of `config`'s params on one device, placed by sharding.param_shardings."""
+def params_bytes_per_device(config: models.ModelConfig, mesh, inference: bool = False) -> int:
+  """Bytes of one copy of `config`'s params on one device, placed by sharding.param_shardings
+  (`inference`: as `models.inference_params` casts them, e.g. a frozen reference)."""
   shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
+  if inference:
+    shapes = jax.eval_shape(lambda p: models.inference_params(config, p), shapes)
   shardings = sharding.param_shardings(config, mesh)
   return sum(jnp.dtype(x.dtype).itemsize * math.prod(s.shard_shape(x.shape))
              for x, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
@@ -289,18 +292,14 @@ REWARD_MODEL = models.gemma2_27b(num_labels=1, param_dtype="bfloat16", dtype="bf
 PLAN = (
     # v5e-32: float32 master weights (the config), 1 pair per chip per micro-batch.
     Workload("train_v5e32", "train", "v5e-32", (1, 32, 1), accum=2),
-    Workload("train_v5e32_tp2", "train", "v5e-32", (1, 16, 2), accum=4),
-    Workload("train_v5e32_bf16", "train", "v5e-32", (1, 32, 1), accum=2, param_dtype="bfloat16"),
     Workload("train_v5e64", "train", "v5e-64", (1, 64, 1), accum=1),
+    # Sampling 64 prompts a call (the most that fits) and the config's 32.
     Workload("sample_v5e32", "sample", "v5e-32", (1, 32, 1)),
     Workload("sample_v5e32_chunk32", "sample", "v5e-32", (1, 32, 1), batch=32),
     Workload("score_v5e32", "score", "v5e-32", (1, 32, 1), batch=32),
-    # v5p-8 = 4 chips.
+    # v5p-8 = 4 chips; sampling at the config's 16 prompts a call.
     Workload("train_v5p8_mb1", "train", "v5p-8", (1, 4, 1), accum=16),
     Workload("train_v5p8_mb2", "train", "v5p-8", (1, 4, 1), accum=8),
-    Workload("train_v5p8_mb4", "train", "v5p-8", (1, 4, 1), accum=4),
-    Workload("train_v5p8_dots", "train", "v5p-8", (1, 4, 1), accum=8, remat="dots"),
-    Workload("sample_v5p8", "sample", "v5p-8", (1, 4, 1)),
     Workload("sample_v5p8_chunk16", "sample", "v5p-8", (1, 4, 1), batch=16),
     Workload("score_v5p8", "score", "v5p-8", (1, 4, 1), batch=16),
     # Online RLOO (configs/online.py:paper): P = 32 prompts x K = 4 per step, 128 rows of
@@ -318,22 +317,26 @@ PLAN = (
 def resident_bytes(w: Workload, mesh) -> int:
   """What the runner keeps on each device besides the step's own arguments.
 
-  It holds the policy it loaded at setup (`Run.params`) for the whole run, the iteration's
-  restored params θ_t (copied into the train state, not donated) and the reward model. So:
-  train +2 policy copies + reward model; sample (its argument is `sampling.prepare_params`'s
-  copy of θ_t) +2 policy copies + reward model; score +2 policy copies.
+  The offline loop (eva_jax/runner.py) holds the reward model (the scorer) for the whole run
+  and the iteration's restored θ_t from sampling to the update, which takes θ_t over (donated
+  into the train state, `stages.train_iteration(donate=True)`); the state is dropped once saved.
+  So: train + reward model; sample (its argument is `sampling.prepare_params`'s copy of θ_t)
+  + θ_t + reward model; score (the reward model is its argument) + θ_t.
 
   The online loop (eva_jax/online_loop.py) holds the train state for the whole run, the frozen
-  reference θ_0 and the reward model: rloo (the state is its argument) +1 policy copy (θ_0) +
-  reward model; sample (its argument is the prepared copy) + the policy + θ_0 + the AdamW
-  moments (two float32 copies of the params) + reward model.
+  reference θ_0 in the compute dtype (`models.inference_params`: what its forward reads) and the
+  reward model: rloo (the state is its argument) + θ_0 + reward model; sample (its argument is
+  the prepared copy) + the policy + θ_0 + the AdamW moments (two float32 copies of the params)
+  + reward model.
   """
-  policy = params_bytes_per_device(paper_policy(w.param_dtype, w.remat), mesh)
+  config = paper_policy(w.param_dtype, w.remat)
+  policy = params_bytes_per_device(config, mesh)
   rm = params_bytes_per_device(REWARD_MODEL, mesh)
   if w.loop == "online":
+    reference = params_bytes_per_device(config, mesh, inference=True)
     moments = 2 * params_bytes_per_device(paper_policy("float32"), mesh)
-    return {"rloo": policy + rm, "sample": 2 * policy + moments + rm}[w.kind]
-  return {"train": 2 * policy + rm, "sample": 2 * policy + rm, "score": 2 * policy}[w.kind]
+    return {"rloo": reference + rm, "sample": policy + reference + moments + rm}[w.kind]
+  return {"train": rm, "sample": policy + rm, "score": policy}[w.kind]
 
 
 def devices_for(slice_name: str, backend: str) -> list:
@@ -436,31 +439,37 @@ def _run_workload(w: Workload, backend: str, hlo_dir: Optional[str]) -> dict:
   return row
 
 
-def markdown_table(rows: list[dict]) -> str:
-  gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
-  lines = ["| workload | slice | mesh d/f/t | params | remat | per-device batch | argument | "
-           "output | alias | temp | step | + resident | total | HBM | fits |",
-           "|" + "---|" * 15]
-  for r in rows:
-    mesh = "/".join(str(v) for v in r["mesh"].values())
-    lines.append(
-        f"| {r['name']} | {r['slice']} | {mesh} | {r['param_dtype']} | {r['remat']} | "
-        f"{r['batch']} | {gib(r['argument'])} | {gib(r['output'])} | {gib(r['alias'])} | "
-        f"{gib(r['temp'])} | {gib(r['step'])} | {gib(r['resident'])} | {gib(r['total'])} | "
-        f"{gib(r['hbm'])} | {'yes' if r['fits'] else 'NO'} |")
-  return "\n".join(lines)
-
-
 def print_tables(path: str) -> None:
   """Both tables of a plan written with --out, without compiling anything."""
   with open(path) as f:
     plan = json.load(f)
-  print(markdown_table(plan["rows"]), "\n", roofline.cost_table(plan["rows"]), sep="\n")
+  print(roofline.memory_table(plan["rows"]), "\n", roofline.cost_table(plan["rows"]), sep="\n")
+
+
+def rederive_resident(path: str, backend: str = "tpu") -> None:
+  """Re-derives `resident`, `total` and `fits` of every row of the plan JSON at `path` with
+  today's `resident_bytes`, in place, without compiling: what the runner keeps beside a step
+  is counted by hand, so a change to it (not to a program) needs no recompile."""
+  with open(path) as f:
+    plan = json.load(f)
+  by_name = {w.name: w for w in PLAN}
+  for row in plan["rows"]:
+    w = by_name[row["name"]]
+    n = math.prod(w.mesh)
+    mesh = sharding.make_mesh(*w.mesh, devices=devices_for(w.slice_name, backend)[:n])
+    row["resident"] = resident_bytes(w, mesh)
+    row["total"] = row["step"] + row["resident"]
+    row["fits"] = row["total"] <= row["hbm"]
+  with open(path, "w") as f:
+    json.dump(plan, f, indent=1)
+  print(roofline.memory_table(plan["rows"]))
 
 
 def main(argv: list[str]) -> None:
   if len(argv) == 1 and argv[0].startswith("--tables="):
     return print_tables(argv[0].split("=", 1)[1])
+  if len(argv) == 1 and argv[0].startswith("--rederive_resident="):
+    return rederive_resident(argv[0].split("=", 1)[1])
   backend, out, hlo_dir = "cpu", None, None
   names = []
   for a in argv:
@@ -490,7 +499,7 @@ def main(argv: list[str]) -> None:
       with open(out, "w") as f:
         json.dump({"backend": backend, "peaks": roofline.PEAKS, "rows": rows}, f, indent=1)
   print(f"\nPer-device GiB, {backend} backend (see the module docstring):\n")
-  print(markdown_table(rows))
+  print(roofline.memory_table(rows))
   print("\nPer-chip cost and roofline of each program (experiments/roofline.py):\n")
   print(roofline.cost_table(rows))
 

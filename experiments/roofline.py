@@ -78,6 +78,23 @@ def roofline(compiled, chip: str, devices: int, model_flops: float,
   return out
 
 
+def memory_table(rows: list[dict]) -> str:
+  """One line per workload: the per-device bytes of memory_plan.memory_of, what the runner
+  keeps beside (`resident`), the total against the chip's HBM."""
+  gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+  lines = ["| workload | slice | mesh d/f/t | params | remat | per-device batch | argument | "
+           "output | alias | temp | step | + resident | total | HBM | fits |",
+           "|" + "---|" * 15]
+  for r in rows:
+    mesh = "/".join(str(v) for v in r["mesh"].values())
+    lines.append(
+        f"| {r['name']} | {r['slice']} | {mesh} | {r['param_dtype']} | {r['remat']} | "
+        f"{r['batch']} | {gib(r['argument'])} | {gib(r['output'])} | {gib(r['alias'])} | "
+        f"{gib(r['temp'])} | {gib(r['step'])} | {gib(r['resident'])} | {gib(r['total'])} | "
+        f"{gib(r['hbm'])} | {'yes' if r['fits'] else 'NO'} |")
+  return "\n".join(lines)
+
+
 def cost_table(rows: list[dict]) -> str:
   """One line per compiled program: GiB per chip (program + resident), fits, headroom, per-chip
   TFLOPs and GB (loops expanded), roofline time, estimated MFU and HBM-bandwidth fraction."""

@@ -152,16 +152,17 @@ def test_loss_and_optimizer_settings_build(arg):
   train_state.make_optimizer(opt_cfg).init({"w": jnp.zeros(3)})
 
 
-@pytest.mark.parametrize("arg,mesh,accum", [
-    ("dpo,eva", (1, 4, 1), 16),           # v5p-8: 64 pairs = 16 micro-batches x 4 chips x 1
-    ("simpo,static", (1, 4, 1), 32),      # 128 pairs = 32 x 4 x 1
-    ("dpo,eva,v5e-32", (1, 16, 2), 4),    # 64 pairs = 4 x 16 fsdp shards x 1
-    ("simpo,eva,v5e-64", (1, 64, 1), 2),  # 128 pairs = 2 x 64 chips x 1
+@pytest.mark.parametrize("arg,mesh,accum,prompts", [
+    ("dpo,eva", (1, 4, 1), 16, 16),           # v5p-8: 64 pairs = 16 micro-batches x 4 chips x 1
+    ("simpo,static", (1, 4, 1), 32, 16),      # 128 pairs = 32 x 4 x 1
+    ("dpo,eva,v5e-32", (1, 32, 1), 2, 32),    # 64 pairs = 2 x 32 chips x 1
+    ("simpo,eva,v5e-64", (1, 64, 1), 2, 32),  # 128 pairs = 2 x 64 chips x 1
 ])
-def test_slice_mesh_and_accumulation(arg, mesh, accum):
+def test_slice_mesh_and_accumulation(arg, mesh, accum, prompts):
   c = paper.get_config(arg)
   assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) == mesh
   assert c.train.grad_accum == accum
+  assert c.sampling.batch_size == prompts  # Prompts per sampling call, sized per slice.
   # stages.train_batch_size keeps the configured batch: it is a multiple of data*fsdp*accum.
   assert c.train.batch_size % (mesh[0] * mesh[1] * accum) == 0
 

@@ -204,3 +204,21 @@ def test_decode_roofline_is_per_step(tpu_mesh):
   assert cost["model_flops"] <= cost["flops"] <= 1.1 * (cost["model_flops"] + attention)
   assert cost["bw_fraction"] == pytest.approx(
       model_bytes / 4 / (cost["roofline_s"] * roofline.PEAKS["v5e"][1]))
+
+
+def test_resident_bytes_count_what_the_runner_keeps():
+  """By hand from the parameter counts, 8 devices: the offline update holds the reward model
+  beside its state (θ_t is donated into it), sampling θ_t too, scoring θ_t; the online update
+  the reward model and θ_0 in bfloat16, its sampling also the state's params and moments."""
+  mesh = _mesh(8)
+  policy = 4 * models.param_count(memory_plan.paper_policy()) / 8
+  rm = 2 * models.param_count(memory_plan.REWARD_MODEL) / 8
+
+  def resident(kind, loop="offline"):
+    w = memory_plan.Workload("x", kind, "v5p-8", (1, 8, 1), loop=loop)
+    return memory_plan.resident_bytes(w, mesh)
+  assert resident("train") == pytest.approx(rm, rel=1e-3)
+  assert resident("sample") == pytest.approx(policy + rm, rel=1e-3)
+  assert resident("score") == pytest.approx(policy, rel=1e-3)
+  assert resident("rloo", "online") == pytest.approx(policy / 2 + rm, rel=1e-3)
+  assert resident("sample", "online") == pytest.approx(3.5 * policy + rm, rel=1e-3)

@@ -6,6 +6,8 @@ one device.
 Compiles are the cost: every model test uses one rollout batch shape (3 prompts x 2 samples,
 padded to 8 rows), and the bandit tests run without a model.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -253,6 +255,16 @@ def test_sampler_logprobs_match_the_rollout_forward(params0):
   print("finished", np.asarray(out.finished).reshape(-1), "max |gap|",
         np.abs(trainer - sampler).max())
   np.testing.assert_allclose(trainer, sampler, atol=1e-4)
+
+
+def test_reference_in_the_compute_dtype_gives_the_same_logprobs(params0, rollout):
+  # The online loop holds θ_0 as models.inference_params (bfloat16 where the model computes in
+  # it): its forward reads every weight at that width anyway, so the log-probs are unchanged.
+  config = dataclasses.replace(CONFIG, dtype="bfloat16")
+  cast = models.inference_params(config, params0)
+  assert {x.dtype for x in jax.tree.leaves(cast)} == {jnp.dtype("bfloat16"), jnp.dtype("float32")}
+  np.testing.assert_array_equal(online.rollout_logprobs(config, cast, rollout["batch"]),
+                                online.rollout_logprobs(config, params0, rollout["batch"]))
 
 
 @jax.jit

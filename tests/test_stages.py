@@ -302,9 +302,16 @@ def test_sppo_trains_from_pairs_with_win_probabilities(policy):
       "schedule": "linear", "batch_size": 4, "num_pairs": 4, "epochs": 1})
   ref = stages.reference(pol, pairs, train_cfg=train_cfg)
   logged = []
-  stages.train_iteration(pol, pairs, ref, np.random.default_rng(0),
-                         lambda step, epoch, m: logged.append(m), train_cfg=train_cfg)
+  state = stages.train_iteration(pol, pairs, ref, np.random.default_rng(0),
+                                 lambda step, epoch, m: logged.append(m), train_cfg=train_cfg)
   assert len(logged) == 1 and logged[0]["finite"]
+  # donate=True (the runner's): the state takes θ_t's buffers over, the same update follows.
+  mine = pol.with_params(jax.tree.map(lambda x: x.copy(), policy.params))
+  donated = stages.train_iteration(mine, pairs, ref, np.random.default_rng(0),
+                                   lambda *a: None, train_cfg=train_cfg, donate=True)
+  assert all(x.is_deleted() for x in jax.tree.leaves(mine.params))
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(donated.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   want = np.mean([((p["chosen_win_prob"] - 0.5) / 0.5) ** 2
                   + ((p["rejected_win_prob"] - 0.5) / 0.5) ** 2 for p in pairs])
   assert logged[0]["loss"] == pytest.approx(want, rel=1e-4)
