@@ -150,7 +150,7 @@ REWARD_MODELS = {
 # the KV heads on v5e, 4-way on v5p-8) with a 336 KiB-per-token KV cache, beside θ_t and the
 # reward model: 32 prompts per call take 9.2 of 16 on v5e-32 (42 % free; 64 prompts: 13.5,
 # 16 %). v5e-64 decodes the same weight shares with half the rows per chip, so 32 prompts take
-# less there. 16 prompts x 6 on v5p-8: see tpu_plan.json (the online 16 x 4 takes 59.6 of 95).
+# less there. 16 prompts x 6 on v5p-8 take 43.3 of 95 (54 % free).
 SLICES = {
     "v5p-8": dict(mesh=(1, 4, 1), pairs_per_device=1, sample_batch=16, reward_batch=16),
     "v5e-32": dict(mesh=(1, 32, 1), pairs_per_device=1, sample_batch=32, reward_batch=32),
