@@ -216,23 +216,11 @@ def activation_rules(mesh: Mesh, rules=DEFAULT_RULES):
     yield
 
 
-def _flat_axes(axes) -> tuple:
-  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-
-
 def vocab_parallel_axes(vocab_size: int):
   """(vocabulary axes, row axes) of the mesh and rules in effect (`activation_rules`) when the
   LM head splits over more than one device along its vocabulary (`act_vocab`, rows along
   `act_batch`), for kernels.vocab_parallel_target_logprobs; None without such a split."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return None
-  rules = dict(nn.get_logical_axis_rules())
-  axes = _flat_axes(rules.get("act_vocab"))
-  shards = math.prod(mesh.shape[a] for a in axes)
-  if shards == 1 or vocab_size % shards:
-    return None
-  return axes, _flat_axes(rules.get("act_batch"))
+  return models.vocab_split(vocab_size, "act_vocab")
 
 
 def optimizer_state_shardings(opt_state_shapes, params_shapes, param_shardings, mesh: Mesh):

@@ -4,11 +4,13 @@ from .logprob_pallas import pallas_target_logprobs
 from .target_logprobs import reference_target_logprobs
 from .target_logprobs import target_logprobs
 from .vocab_parallel import vocab_parallel_target_logprobs
+from .vocab_parallel_embed import vocab_parallel_embed
 
 __all__ = [
     "chunked_target_logprobs",
     "pallas_target_logprobs",
     "reference_target_logprobs",
     "target_logprobs",
+    "vocab_parallel_embed",
     "vocab_parallel_target_logprobs",
 ]

@@ -7,6 +7,8 @@ run at "highest" precision, see conftest.py). The Pallas kernels are also compil
 a TPU through libtpu, the `tpu` extra. The vocabulary-parallel head runs on meshes of the 8 fake
 CPU devices against the single-device reference.
 """
+import functools
+import math
 import re
 
 import jax
@@ -351,4 +353,83 @@ def test_vocab_parallel_compiles_for_tpu_without_the_whole_head():
   calls = [line for line in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
   for kernel in ["target_logprobs_fwd", "target_logprobs_bwd_hidden", "target_logprobs_bwd_w"]:
     assert any(re.search(rf"(?<![a-z]){kernel}(?![a-z])", line) for line in calls), kernel
+  assert not re.search(rf"\[[0-9,]*{vocab}[0-9,]*\]", hlo)
+
+
+# --- the vocabulary-parallel embedding lookup ---------------------------------------------------
+
+# Rows over data x fsdp, the vocabulary over fsdp x tensor: (2, 2, 2) gathers rows over fsdp and
+# sums over tensor; (1, 8, 1) gathers over all 8; (4, 1, 2) sums the rows over tensor and the
+# table's gradient over data. (8, 1, 1) splits the vocabulary over data, gathering all rows.
+# row_chunk 4 (a step gathers up to max(row_chunk, V / S) rows) walks several chunks, some
+# ragged, on all but (4, 1, 2).
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1), (4, 1, 2), (8, 1, 1)])
+@pytest.mark.parametrize("row_chunk", [4, 8192])
+def test_vocab_parallel_embed_matches_take(shape, row_chunk):
+  rng = np.random.default_rng(5)
+  table = jnp.asarray(rng.normal(size=(VP_V, D)), jnp.float32)
+  # Every slice is hit, some tokens repeat (their gradient rows add up), 8 rows of 5 tokens.
+  tokens = jnp.asarray(np.concatenate([13 * np.arange(8) + rng.integers(0, 13, 8),
+                                       rng.integers(0, VP_V, 24), [7] * 8]).reshape(8, 5),
+                       jnp.int32)
+  cotangent = jnp.asarray(rng.normal(size=(8, 5, D)), jnp.float32)
+  mesh = sharding.make_mesh(*shape)
+  axes = ("fsdp", "tensor") if shape[0] < 8 else ("data",)
+  row_axes = ("data", "fsdp")
+
+  def loss(embed):
+    return lambda t: jnp.sum(embed(t, tokens) * cotangent)
+
+  parallel = functools.partial(kernels.vocab_parallel_embed, mesh=mesh, axes=axes,
+                               row_axes=row_axes, row_chunk=row_chunk)
+  with jax.set_mesh(mesh):
+    got = jax.jit(parallel)(table, tokens)
+    got_grad = jax.jit(jax.grad(loss(parallel)))(table)
+  want = jnp.take(table, tokens, axis=0)
+  want_grad = jax.grad(loss(lambda t, x: jnp.take(t, x, axis=0)))(table)
+  # The forward reads one slice's row and adds zeros: bit-identical. The gradient sums the same
+  # cotangent rows per token, in another order.
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+  slices = math.prod(mesh.shape[a] for a in axes)
+  assert {s.data.shape for s in got_grad.addressable_shards} == {(VP_V // slices, D)}
+
+
+def test_vocab_parallel_embed_out_dtype_and_bad_inputs():
+  table = jnp.asarray(np.random.default_rng(6).normal(size=(VP_V, D)), jnp.float32)
+  tokens = jnp.arange(16, dtype=jnp.int32).reshape(4, 4) * 6
+  mesh = sharding.make_mesh(2, 2, 2)
+  with jax.set_mesh(mesh):
+    got = jax.jit(functools.partial(kernels.vocab_parallel_embed, out_dtype=jnp.bfloat16))(
+        table, tokens)
+    grad = jax.jit(jax.grad(lambda t: jnp.sum(kernels.vocab_parallel_embed(
+        t, tokens, out_dtype=jnp.bfloat16).astype(jnp.float32))))(table)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(got, jnp.take(table, tokens, axis=0).astype(jnp.bfloat16))
+  assert grad.dtype == jnp.float32   # accumulated in float32, returned in the table's dtype
+  np.testing.assert_array_equal(grad, jnp.zeros_like(table).at[tokens].add(1.0))
+  with pytest.raises(ValueError, match=r"vocabulary \(103\) does not split into 4 slices"):
+    kernels.vocab_parallel_embed(table[:-1], tokens, mesh=mesh)
+  with pytest.raises(ValueError, match=r"the batch \(3\) does not split over the 4 devices"):
+    kernels.vocab_parallel_embed(table, tokens[:3], mesh=mesh)
+  with pytest.raises(ValueError, match="'model' is not an axis of the mesh"):
+    kernels.vocab_parallel_embed(table, tokens, mesh=mesh, axes=("model",))
+
+
+def test_vocab_parallel_embed_compiles_for_tpu_without_the_whole_table():
+  """The lookup and its gradient compiled for a TPU v5e 2x2 with libtpu, the vocabulary over
+  its 4 chips: no array of the program spans the whole vocabulary (XLA's own partitioning of a
+  plain take gathers the whole table on large meshes)."""
+  pytest.importorskip("libtpu", reason="needs libtpu: pip install -e '.[tpu]'")
+  mesh = sharding.make_mesh(1, 4, 1, devices=sharding.tpu_topology_devices("v5e:2x2"))
+  vocab, dim = 4096, 128
+
+  def loss(table, tokens):
+    return jnp.sum(kernels.vocab_parallel_embed(table, tokens, out_dtype=jnp.bfloat16))
+
+  table = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("fsdp", "tensor"), None))
+  args = [jax.ShapeDtypeStruct((vocab, dim), jnp.float32, sharding=table),
+          jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))]
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(jax.grad(loss)).lower(*args).compile().as_text()
   assert not re.search(rf"\[[0-9,]*{vocab}[0-9,]*\]", hlo)

@@ -14,7 +14,7 @@ from eva_jax.models.attention import DenseCache, NoCache, SplitCache
 from eva_jax.models.config import (FAMILY_FEATURES, NAMED_SIZES, ModelConfig, family_config,
                                    gemma2_2b, gemma2_9b, gemma2_27b, llama3_8b, llama3_70b,
                                    mistral_7b, qwen2_5_0_5b, qwen2_5_7b, tiny)
-from eva_jax.models.transformer import Decoder
+from eva_jax.models.transformer import Decoder, vocab_split
 
 __all__ = [
     "ModelConfig", "FAMILY_FEATURES", "NAMED_SIZES", "family_config", "gemma2_2b", "gemma2_9b",
@@ -22,7 +22,7 @@ __all__ = [
     "init_params", "param_logical_specs", "param_count", "positions_from_mask", "forward",
     "forward_hidden", "output_projection", "logits_from_hidden", "scores_from_hidden",
     "init_cache", "decode_step", "init_generated_cache", "sample_step", "inference_params",
-    "NoCache", "DenseCache", "SplitCache",
+    "NoCache", "DenseCache", "SplitCache", "vocab_split",
 ]
 
 

@@ -13,11 +13,14 @@ log-prob kernel without ever forming [B, T, V].
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eva_jax.kernels.vocab_parallel_embed import vocab_parallel_embed
 from eva_jax.models.attention import split_layers
 from eva_jax.models.config import ModelConfig
 
@@ -34,6 +37,27 @@ def _param(module: nn.Module, name: str, init, shape, names, dtype):
 
 def _constrain(x: Array, names: tuple) -> Array:
   return nn.with_logical_constraint(x, names)
+
+
+def _flat_axes(axes) -> tuple:
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def vocab_split(vocab_size: int, vocab_name: str = "act_vocab", rows: int | None = None):
+  """(vocabulary axes, row axes) of the mesh and logical rules in effect when `vocab_name`
+  splits a vocabulary of `vocab_size` over more than one device (rows along `act_batch`); None
+  without such a split, or when `rows` is given and does not divide over the row axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  rules = dict(nn.get_logical_axis_rules())
+  axes, row_axes = _flat_axes(rules.get(vocab_name)), _flat_axes(rules.get("act_batch"))
+  shards = math.prod(mesh.shape[a] for a in axes)
+  if shards == 1 or vocab_size % shards:
+    return None
+  if rows is not None and rows % math.prod(mesh.shape[a] for a in row_axes):
+    return None
+  return axes, row_axes
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -171,7 +195,14 @@ class Decoder(nn.Module):
     d, pdt, dt = cfg.hidden_size, cfg.jnp_param_dtype, cfg.jnp_dtype
     embedding = _param(self, "embedding", nn.initializers.normal(0.02), (cfg.vocab_size, d),
                        ("vocab", "embed"), pdt)
-    x_BxTxD = jnp.take(embedding, tokens_BxT, axis=0).astype(dt)
+    split = vocab_split(cfg.vocab_size, "vocab", rows=tokens_BxT.shape[0])
+    if split is None:
+      x_BxTxD = jnp.take(embedding, tokens_BxT, axis=0).astype(dt)
+    else:
+      # Each device reads its own vocabulary slice: left to XLA, the lookup on a large mesh
+      # gathers the whole table and its gradient is a whole float32 table on every chip.
+      x_BxTxD = vocab_parallel_embed(embedding, tokens_BxT, axes=split[0], row_axes=split[1],
+                                     out_dtype=dt)
     if cfg.embed_scale:
       # sqrt(d) rounded to the compute dtype, as Gemma's reference code does.
       x_BxTxD = x_BxTxD * jnp.asarray(d ** 0.5, dtype=dt)
