@@ -143,10 +143,10 @@ REWARD_MODELS = {
 # + what the runner keeps resident beside it; experiments/results/tpu_plan.json). JAX devices
 # are chips: v5e-32/-64 are 32/64 chips of 16 GiB; v5p-8 is 8 TensorCores = 4 chips of 95 GiB.
 # The update holds the train state and the reward model (θ_t is donated into the state):
-#   v5p-8   71.9 of 95 with 1 pair per chip (24 % free; 2 pairs: 74.8, 21 %).
-#   v5e-32  12.4 of 16 with 1 pair per chip on fsdp 32 (23 % free).
-#   v5e-64  13.2 of 16 with 1 pair per chip on fsdp 64 (18 % free, short of the 20 % aimed at:
-#           the embedding lookup's backward builds the whole table's gradient there; README).
+#   v5p-8   72.3 of 95 with 1 pair per chip (24 % free; 2 pairs: 75.4, 21 %).
+#   v5e-32  12.4 of 16 with 1 pair per chip on fsdp 32 (22 % free).
+#   v5e-64   6.5 of 16 with 1 pair per chip on fsdp 64 (59 % free: the embedding lookup runs
+#           vocabulary-parallel, kernels/vocab_parallel_embed.py; it was 13.2, 18 %, before).
 # Sampling (N = 6, 1024 + 2048 tokens) decodes tensor-parallel (sharding.decode_mesh: 8-way over
 # the KV heads on v5e, 4-way on v5p-8) with a 336 KiB-per-token KV cache, beside θ_t and the
 # reward model: 32 prompts per call take 9.2 of 16 on v5e-32 (42 % free; 64 prompts: 13.5,
