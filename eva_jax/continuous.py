@@ -43,8 +43,9 @@ import numpy as np
 from eva_jax import models, sharding, token_select
 from eva_jax.models.config import ModelConfig
 from eva_jax.sampling import (MAX_EOS, MIN_PROMPT_BUCKET, SampleOutput, cache_sharding,
-                              generated_slots, inference_config, on_batch, prepare_params,
-                              prompt_prefill, raise_if_non_finite, round_up_bucket)
+                              generated_slots, inference_config, mesh_platform, on_batch,
+                              prepare_params, prompt_prefill, raise_if_non_finite,
+                              round_up_bucket)
 
 # Traces of each jitted program; a test reads it to check the compile count.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -368,7 +369,8 @@ def sample_continuous(config: ModelConfig, params: dict, prompt_ids: Sequence[Se
   dtype = jnp.dtype(cache_dtype or config.dtype)
   prompt_shape = (config.num_layers, g, config.num_kv_heads, width, config.head_dim)
   cache = {"prompt": {name: jnp.zeros(prompt_shape, dtype) for name in ("k", "v")},
-           "generated": models.init_generated_cache(config, g, z, generated_slots(t), dtype)}
+           "generated": models.init_generated_cache(
+               config, g, z, generated_slots(t, mesh_platform(mesh)), dtype)}
   state = _init_state(g, z, width, rows, t, jax.random.key_data(rng).shape, pad_id)
   ctx = (sharding.activation_rules(mesh, rules) if mesh is not None
          else contextlib.nullcontext())

@@ -199,7 +199,7 @@ def test_decode_roofline_is_per_step(tpu_mesh):
   assert new_tokens - 1 in cost["loops"]
   # Attention by hand: QK and PV, 4·H·E FLOPs a slot (prompt, generated, the token itself) per
   # row and layer, over the 4 chips.
-  slots = prompt_len + sampling.generated_slots(new_tokens) + 1
+  slots = prompt_len + sampling.generated_slots(new_tokens, "tpu") + 1
   attention = 4 * c.num_heads * c.head_dim * slots * c.num_layers * rows / 4
   assert cost["model_flops"] <= cost["flops"] <= 1.1 * (cost["model_flops"] + attention)
   assert cost["bw_fraction"] == pytest.approx(

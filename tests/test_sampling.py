@@ -277,11 +277,17 @@ def test_decode_cache_is_donated(llama):
   mask = jnp.ones((4, 16), jnp.int32)
   cache, logits = sampling._prefill(config, params, tokens, mask, cache_dtype="float32",
                                     mesh=None, **SHARED)
-  # The generated cache: [L, B, N, K, slots, E], slots a whole number of 128-wide tiles.
+  # The generated cache: [L, B, N, K, slots, E]; slots for T - 1 tokens, a whole number of
+  # 128-wide tiles on TPU, of 8 elsewhere (every decode step reads all of them).
   l, k, e = config.num_layers, config.num_kv_heads, config.head_dim
-  assert cache["generated"]["k"].shape == (l, 4, SHARED["num_samples"], k, 128, e)
-  assert [sampling.generated_slots(t) for t in (1, 2, 129, 130, 2048)] == [128, 128, 128, 256,
-                                                                          2048]
+  slots = sampling.generated_slots(SHARED["max_new_tokens"])
+  assert slots == -(-(SHARED["max_new_tokens"] - 1) // 8) * 8
+  assert cache["generated"]["k"].shape == (l, 4, SHARED["num_samples"], k, slots, e)
+  assert [sampling.generated_slots(t, "tpu") for t in (1, 2, 129, 130, 2048)] == [
+      128, 128, 128, 256, 2048]
+  assert [sampling.generated_slots(t, "cpu") for t in (1, 2, 9, 10, 24, 2048)] == [
+      8, 8, 8, 16, 24, 2048]
+  assert sampling.generated_slots(24, "gpu") == 24 and sampling.mesh_platform(None) == "cpu"
   sampling._decode(config, params, cache, logits, mask, jnp.ones(4, bool),
                    jnp.full((8,), -1, jnp.int32), jax.random.key(0), jnp.float32(1.0),
                    jnp.float32(1.0), pad_id=0, top_k=0, greedy=True, nucleus=False, mesh=None,
