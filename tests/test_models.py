@@ -325,6 +325,46 @@ def test_splash_attention_matches_dense_values_and_grads(softcap):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w_), atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("softcap,window,dtype", [(None, 0, "float32"), (2.0, 5, "float32"),
+                                                  (None, 0, "bfloat16")])
+def test_grouped_attention_matches_einsum_autodiff(softcap, window, dtype):
+  """The CPU path (`_grouped_dense_attention`: query heads folded into rows, hand-written
+  backward) against autodiff of the einsum formula, on a prefix cache with invalid slots, a
+  query row with no valid slot, GQA H=4 over K=2, soft-cap and window. f32: 1e-5 (only the
+  summation order differs); bf16 inputs and probabilities: 2e-2 relative to the largest value
+  (bf16 keeps 8 bits, and the two paths round P and dS at different points)."""
+  from eva_jax.models import attention
+  config = models.tiny("llama", attn_logit_softcap=softcap, query_pre_attn_scalar=8,
+                       dtype=dtype)
+  b, t, s, h, k, e = 3, 6, 10, 4, 2, 16
+  keys = jax.random.split(jax.random.key(3), 4)
+  q, kk, v = (jax.random.normal(key, (b, n_t, n, e), dtype)
+              for key, n_t, n in zip(keys, [t, s, s], [h, k, k]))
+  cotangent = jax.random.normal(keys[3], (b, t, h, e), jnp.float32)
+  kv_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+  pos = kv_pos[:, s - t:]
+  kv_valid = np.ones((b, s), bool)
+  kv_valid[1, :3] = False
+  kv_valid[2, :] = False       # Row 2 sees no slot: a uniform average, and no score gradient.
+  args = (pos, kv_pos, jnp.asarray(kv_valid), jnp.int32(window))
+
+  def run(fn):
+    out, vjp = jax.vjp(lambda *qkv: fn(config, *qkv, *args).astype(jnp.float32), q, kk, v)
+    return out, vjp(cotangent)
+
+  got, got_grads = jax.jit(lambda: run(attention._grouped_dense_attention))()
+  want, want_grads = jax.jit(lambda: run(attention._einsum_dense_attention))()
+  tol = dict(atol=1e-5, rtol=0) if dtype == "float32" else None
+  for name, g, w_ in zip(["out", "q", "k", "v"], [got, *got_grads], [want, *want_grads]):
+    g, w_ = np.asarray(g, np.float32), np.asarray(w_, np.float32)
+    kw = tol or dict(atol=2e-2 * np.abs(w_).max(), rtol=0)
+    np.testing.assert_allclose(g, w_, err_msg=name, **kw)
+  # On CPU, _dense_attention is the grouped path.
+  np.testing.assert_array_equal(
+      np.asarray(attention._dense_attention(config, q, kk, v, *args)),
+      np.asarray(attention._grouped_dense_attention(config, q, kk, v, *args)))
+
+
 def test_splash_forward_matches_dense_on_a_sharded_gemma2():
   """forward with attention_impl="splash" (interpreted, on a 2 x 2 data/tensor mesh of CPU
   devices: rows and heads per shard) equals the dense single-device forward on real tokens.

@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from eva_jax.kernels.logprob_chunked import apply_softcap
 from eva_jax.models.config import ModelConfig
+from eva_jax.models.grouped_attention import grouped_attention
 
 Array = jax.Array
 # Finite, so a row with no visible slot gives a uniform softmax rather than NaN.
@@ -54,6 +55,14 @@ def _query_scale(config: ModelConfig) -> float:
 def _dense_attention(config: ModelConfig, q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, positions_BxT,
                      kv_positions_BxS, kv_valid_BxS, window) -> Array:
   """Softmax attention of T queries over S slots -> [B, T, H, E]."""
+  fn = _grouped_dense_attention if compile_platform() == "cpu" else _einsum_dense_attention
+  return fn(config, q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, positions_BxT, kv_positions_BxS,
+            kv_valid_BxS, window)
+
+
+def _einsum_dense_attention(config: ModelConfig, q_BxTxHxE, k_BxSxKxE, v_BxSxKxE,
+                            positions_BxT, kv_positions_BxS, kv_valid_BxS, window) -> Array:
+  """`_dense_attention` as einsums over [B, K, G, T, S] scores, differentiated by autodiff."""
   h, k, e, dt = config.num_heads, config.num_kv_heads, config.head_dim, config.jnp_dtype
   b, t = q_BxTxHxE.shape[:2]
   q_BxTxKxGxE = (q_BxTxHxE * _query_scale(config)).reshape(b, t, k, h // k, e)
@@ -68,6 +77,29 @@ def _dense_attention(config: ModelConfig, q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, posit
   probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
   out_BxTxKxGxE = jnp.einsum("BKGTS,BSKE->BTKGE", probs, v_BxSxKxE.astype(dt))
   return out_BxTxKxGxE.reshape(b, t, h, e)
+
+
+def _grouped_dense_attention(config: ModelConfig, q_BxTxHxE, k_BxSxKxE, v_BxSxKxE,
+                             positions_BxT, kv_positions_BxS, kv_valid_BxS, window) -> Array:
+  """`_dense_attention` through `grouped_attention` (the G query heads of a KV head folded into
+  the rows, a hand-written backward): on CPU its training step's attention is ~1.6x faster
+  than autodiff of the einsums (W2). Accelerators keep the einsums, which the TPU memory plan
+  compiled."""
+  h, k, e, dt = config.num_heads, config.num_kv_heads, config.head_dim, config.jnp_dtype
+  b, t = q_BxTxHxE.shape[:2]
+  g = h // k
+  # [B, T, K, G, E] -> [B, K, G*T, E]: row r = (query head in group) * T + token.
+  q_BxKxRxE = jnp.transpose((q_BxTxHxE * _query_scale(config)).astype(dt).reshape(b, t, k, g, e),
+                            (0, 2, 3, 1, 4)).reshape(b, k, g * t, e)
+  k_BxKxSxE = jnp.swapaxes(k_BxSxKxE.astype(dt), 1, 2)
+  v_BxKxSxE = jnp.swapaxes(v_BxSxKxE.astype(dt), 1, 2)
+  q_pos = jnp.tile(positions_BxT, (1, g))[:, None, :, None]
+  kv_pos = kv_positions_BxS[:, None, None, :]
+  mask_Bx1xRxS = kv_valid_BxS[:, None, None, :] & (kv_pos <= q_pos)
+  mask_Bx1xRxS &= (window <= 0) | (q_pos - kv_pos < window)
+  out_BxKxRxE = grouped_attention(q_BxKxRxE, k_BxKxSxE, v_BxKxSxE, mask_Bx1xRxS,
+                                  config.attn_logit_softcap, NEG_INF)
+  return jnp.transpose(out_BxKxRxE.reshape(b, k, g, t, e), (0, 3, 1, 2, 4)).reshape(b, t, h, e)
 
 
 # The kernels tile T in blocks of a multiple of 128 (the TPU lane width).

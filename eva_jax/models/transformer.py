@@ -4,7 +4,7 @@ Axis letters in names: B batch, T new tokens, S key/value slots (the cache, or T
 D hidden, H query heads, K key/value heads, E head dim, F MLP hidden, V vocab, L layers.
 
 The layers are one `nn.scan` over a block, so parameters carry a leading `layers` axis and a
-model of any depth compiles once. One block serves training, prefill and the sampler's decode
+model of any depth compiles once (on CPU the loop is unrolled by CPU_SCAN_UNROLL layers). One block serves training, prefill and the sampler's decode
 step: the Attention module computes queries/keys/values and RoPE, then attends through the kind
 of cache it was given (`eva_jax.models.attention`: NoCache, DenseCache, SplitCache). The module
 returns the final hidden states; the heads (LM logits, reward score) are pure functions over the
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eva_jax.kernels.vocab_parallel_embed import vocab_parallel_embed
-from eva_jax.models.attention import split_layers
+from eva_jax.models.attention import compile_platform, split_layers
 from eva_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -29,6 +29,11 @@ _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# On CPU the layer scan is unrolled by this many layers: XLA:CPU otherwise slices every layer's
+# weights and saved activations in and out of the stacked [L, ...] buffers with copies (~12 % of
+# the CPU time of an 8-layer MLP stack's forward and backward at W2 sizes); accelerators keep the
+# rolled loop, and deeper models compile at most this many layers per loop iteration.
+CPU_SCAN_UNROLL = 8
 
 
 def _param(module: nn.Module, name: str, init, shape, names, dtype):
@@ -58,6 +63,41 @@ def vocab_split(vocab_size: int, vocab_name: str = "act_vocab", rows: int | None
   if rows is not None and rows % math.prod(mesh.shape[a] for a in row_axes):
     return None
   return axes, row_axes
+
+
+@jax.custom_vjp
+def _cpu_matmul(x_NxI: Array, w_IxO: Array) -> Array:
+  return x_NxI @ w_IxO
+
+
+def _cpu_matmul_fwd(x_NxI, w_IxO):
+  return x_NxI @ w_IxO, (x_NxI, w_IxO)
+
+
+def _cpu_matmul_bwd(residuals, g_NxO):
+  # Autodiff's weight gradient contracts both operands over N, and XLA:CPU then transposes the
+  # larger [N, O] cotangent inside the elementwise fusion that produces it (strided reads of
+  # every input). Transposing the operands here, behind barriers that keep XLA from folding the
+  # transposes back into the dots, leaves two plain [M, K] x [K, N] matmuls.
+  x_NxI, w_IxO = residuals
+  w_OxI = jax.lax.optimization_barrier(w_IxO.T)
+  x_IxN = jax.lax.optimization_barrier(x_NxI.T)
+  return (g_NxO @ w_OxI).astype(x_NxI.dtype), (x_IxN @ g_NxO).astype(w_IxO.dtype)
+
+
+_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
+
+
+def _dense(x: Array, w: Array, in_dims: int) -> Array:
+  """Contracts the last `in_dims` axes of x with the first `in_dims` axes of w (a plain
+  einsum); on CPU as one 2D matmul with a layout-friendly gradient (_cpu_matmul_bwd: ~20 %
+  less CPU time for the MLP's forward and backward at W2 sizes; same values up to rounding)."""
+  lead, contracted, out = x.shape[:-in_dims], w.shape[:in_dims], w.shape[in_dims:]
+  if compile_platform() != "cpu":
+    return jnp.tensordot(x, w, axes=in_dims)
+  size = lambda dims: int(np.prod(dims, dtype=np.int64))  # noqa: E731
+  y = _cpu_matmul(x.reshape(size(lead), size(contracted)), w.reshape(size(contracted), size(out)))
+  return y.reshape(*lead, *out)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -120,9 +160,9 @@ class Attention(nn.Module):
     wv = _param(self, "v", init, (d, k, e), ("embed", "kv_heads", "head_dim"), pdt)
     wo = _param(self, "o", init, (h, e, d), ("heads", "head_dim", "embed"), pdt)
     x = x_BxTxD.astype(dt)
-    q_BxTxHxE = jnp.einsum("BTD,DHE->BTHE", x, wq.astype(dt))
-    k_BxTxKxE = jnp.einsum("BTD,DKE->BTKE", x, wk.astype(dt))
-    v_BxTxKxE = jnp.einsum("BTD,DKE->BTKE", x, wv.astype(dt))
+    q_BxTxHxE = _dense(x, wq.astype(dt), 1)    # BTD,DHE->BTHE
+    k_BxTxKxE = _dense(x, wk.astype(dt), 1)    # BTD,DKE->BTKE
+    v_BxTxKxE = _dense(x, wv.astype(dt), 1)
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros
       q_BxTxHxE += _param(self, "q_bias", zeros, (h, e), ("heads", "head_dim"), pdt).astype(dt)
@@ -135,7 +175,7 @@ class Attention(nn.Module):
     k_BxTxKxE = apply_rope(k_BxTxKxE, positions_BxT, inv_freq)
     out_BxTxHxE, layer_out = cache.attend(cfg, q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT,
                                           window)
-    out_BxTxD = jnp.einsum("BTHE,HED->BTD", out_BxTxHxE, wo.astype(dt))
+    out_BxTxD = _dense(out_BxTxHxE, wo.astype(dt), 2)    # BTHE,HED->BTD
     return _constrain(out_BxTxD, ("act_batch", "act_len", "act_embed")), layer_out
 
 
@@ -153,11 +193,11 @@ class MLP(nn.Module):
     w_gate = _param(self, "gate", init, (d, f), ("embed", "mlp"), pdt)
     w_up = _param(self, "up", init, (d, f), ("embed", "mlp"), pdt)
     w_down = _param(self, "down", init, (f, d), ("mlp", "embed"), pdt)
-    gate_BxTxF = jnp.einsum("BTD,DF->BTF", x_BxTxD, w_gate.astype(dt))
-    up_BxTxF = jnp.einsum("BTD,DF->BTF", x_BxTxD, w_up.astype(dt))
+    gate_BxTxF = _dense(x_BxTxD, w_gate.astype(dt), 1)    # BTD,DF->BTF
+    up_BxTxF = _dense(x_BxTxD, w_up.astype(dt), 1)
     act = _ACTIVATIONS[cfg.mlp_activation](gate_BxTxF)
     hidden_BxTxF = _constrain(act * up_BxTxF, ("act_batch", "act_len", "act_mlp"))
-    return jnp.einsum("BTF,FD->BTD", hidden_BxTxF, w_down.astype(dt))
+    return _dense(hidden_BxTxF, w_down.astype(dt), 1)    # BTF,FD->BTD
 
 
 class Block(nn.Module):
@@ -214,7 +254,8 @@ class Decoder(nn.Module):
     layers = nn.scan(
         block, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast),
-        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+        unroll=min(cfg.num_layers, CPU_SCAN_UNROLL) if compile_platform() == "cpu" else 1)
     per_layer, shared_cache = split_layers(cache)
     layer_in = {"window": jnp.asarray(cfg.layer_windows, dtype=jnp.int32), "cache": per_layer}
     x_BxTxD, layer_out = layers(cfg, name="layers")(x_BxTxD, layer_in, positions_BxT,
