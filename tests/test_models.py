@@ -359,10 +359,11 @@ def test_grouped_attention_matches_einsum_autodiff(softcap, window, dtype):
     g, w_ = np.asarray(g, np.float32), np.asarray(w_, np.float32)
     kw = tol or dict(atol=2e-2 * np.abs(w_).max(), rtol=0)
     np.testing.assert_allclose(g, w_, err_msg=name, **kw)
-  # On CPU, _dense_attention is the grouped path.
+  # Undifferentiated (the sampler's prefill, scoring), the grouped path is the einsums
+  # themselves, bit for bit; on CPU _dense_attention is the grouped path.
   np.testing.assert_array_equal(
       np.asarray(attention._dense_attention(config, q, kk, v, *args)),
-      np.asarray(attention._grouped_dense_attention(config, q, kk, v, *args)))
+      np.asarray(attention._einsum_dense_attention(config, q, kk, v, *args)))
 
 
 def test_splash_forward_matches_dense_on_a_sharded_gemma2():

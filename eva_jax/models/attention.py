@@ -81,25 +81,20 @@ def _einsum_dense_attention(config: ModelConfig, q_BxTxHxE, k_BxSxKxE, v_BxSxKxE
 
 def _grouped_dense_attention(config: ModelConfig, q_BxTxHxE, k_BxSxKxE, v_BxSxKxE,
                              positions_BxT, kv_positions_BxS, kv_valid_BxS, window) -> Array:
-  """`_dense_attention` through `grouped_attention` (the G query heads of a KV head folded into
-  the rows, a hand-written backward): on CPU its training step's attention is ~1.6x faster
-  than autodiff of the einsums (W2). Accelerators keep the einsums, which the TPU memory plan
-  compiled."""
+  """`_einsum_dense_attention` through `grouped_attention` (differentiated: the grouped
+  layout and a hand-written backward; otherwise the einsums): on CPU a training step's
+  attention is ~1.6x faster than autodiff of the einsums (W2). Accelerators keep the einsums,
+  which the TPU memory plan compiled."""
   h, k, e, dt = config.num_heads, config.num_kv_heads, config.head_dim, config.jnp_dtype
   b, t = q_BxTxHxE.shape[:2]
-  g = h // k
-  # [B, T, K, G, E] -> [B, K, G*T, E]: row r = (query head in group) * T + token.
-  q_BxKxRxE = jnp.transpose((q_BxTxHxE * _query_scale(config)).astype(dt).reshape(b, t, k, g, e),
-                            (0, 2, 3, 1, 4)).reshape(b, k, g * t, e)
-  k_BxKxSxE = jnp.swapaxes(k_BxSxKxE.astype(dt), 1, 2)
-  v_BxKxSxE = jnp.swapaxes(v_BxSxKxE.astype(dt), 1, 2)
-  q_pos = jnp.tile(positions_BxT, (1, g))[:, None, :, None]
-  kv_pos = kv_positions_BxS[:, None, None, :]
-  mask_Bx1xRxS = kv_valid_BxS[:, None, None, :] & (kv_pos <= q_pos)
-  mask_Bx1xRxS &= (window <= 0) | (q_pos - kv_pos < window)
-  out_BxKxRxE = grouped_attention(q_BxKxRxE, k_BxKxSxE, v_BxKxSxE, mask_Bx1xRxS,
-                                  config.attn_logit_softcap, NEG_INF)
-  return jnp.transpose(out_BxKxRxE.reshape(b, k, g, t, e), (0, 3, 1, 2, 4)).reshape(b, t, h, e)
+  q_BxTxKxGxE = (q_BxTxHxE * _query_scale(config)).astype(dt).reshape(b, t, k, h // k, e)
+  q_pos = positions_BxT[:, None, None, :, None]
+  kv_pos = kv_positions_BxS[:, None, None, None, :]
+  mask = kv_valid_BxS[:, None, None, None, :] & (kv_pos <= q_pos)
+  mask &= (window <= 0) | (q_pos - kv_pos < window)
+  out_BxTxKxGxE = grouped_attention(q_BxTxKxGxE, k_BxSxKxE.astype(dt), v_BxSxKxE.astype(dt),
+                                    mask, config.attn_logit_softcap, NEG_INF)
+  return out_BxTxKxGxE.reshape(b, t, h, e)
 
 
 # The kernels tile T in blocks of a multiple of 128 (the TPU lane width).
