@@ -4,12 +4,13 @@ Axis letters in names: B batch, T new tokens, S key/value slots (the cache, or T
 D hidden, H query heads, K key/value heads, E head dim, F MLP hidden, V vocab, L layers.
 
 The layers are one `nn.scan` over a block, so parameters carry a leading `layers` axis and a
-model of any depth compiles once (on CPU the loop is unrolled by CPU_SCAN_UNROLL layers). One block serves training, prefill and the sampler's decode
-step: the Attention module computes queries/keys/values and RoPE, then attends through the kind
-of cache it was given (`eva_jax.models.attention`: NoCache, DenseCache, SplitCache). The module
-returns the final hidden states; the heads (LM logits, reward score) are pure functions over the
-parameters in `eva_jax.models`, so training can feed hidden states straight into the fused
-log-prob kernel without ever forming [B, T, V].
+model of any depth compiles once (on CPU the loop is unrolled by CPU_SCAN_UNROLL layers). One
+block serves training, prefill and the sampler's decode step: the Attention module computes
+queries/keys/values and RoPE, then attends through the kind of cache it was given
+(`eva_jax.models.attention`: NoCache, DenseCache, SplitCache). The module returns the final
+hidden states; the heads (LM logits, reward score) are pure functions over the parameters in
+`eva_jax.models`, so training can feed hidden states straight into the fused log-prob kernel
+without ever forming [B, T, V].
 """
 from __future__ import annotations
 
