@@ -1,6 +1,7 @@
 """A run's context: everything set up once before the loop, and θ_t restored from checkpoints.
 
-    init_distributed()                      before any other JAX use (main.py)
+    init_distributed()                      before any other JAX use (main.py); it first
+                                            skips an installed libtpu on a machine without TPUs
     ctx = setup(config, workdir, source, mesh)
     policy_t = ctx.policy_at(t)             the `stages.Policy` of checkpoint t
 
@@ -31,14 +32,47 @@ TOKENIZER_KINDS = ("sentencepiece", "hf")  # Trained on the fly, or a local HF f
 MODEL_SOURCES = ("tiny", "hf")  # Random init with the config's sizes, or a local HF folder.
 
 
+def platforms_without_absent_tpu(environ, tpu_chips: int, nvidia_gpu: bool, amd_gpus: int,
+                                 libtpu_installed: bool):
+  """The `jax_platforms` value that keeps JAX from probing an absent TPU, or None to leave it.
+
+  With the `tpu` extra installed, JAX tries libtpu's backend on every machine; where no TPU chip
+  is attached, libtpu writes a dozen lines of worker-hostname errors to stderr before JAX falls
+  back. A CPU-only machine (no TPU chip, no GPU) gets "cpu"; a choice the user made
+  (JAX_PLATFORMS) and machines with an accelerator are left to JAX.
+  """
+  if environ.get("JAX_PLATFORMS") or environ.get("JAX_FORCE_TPU_INIT") or not libtpu_installed:
+    return None
+  if tpu_chips or nvidia_gpu or amd_gpus:
+    return None
+  return "cpu"
+
+
+def skip_absent_tpu() -> None:
+  """Applies `platforms_without_absent_tpu` to this process (before JAX's backends start)."""
+  import importlib.util
+  try:  # JAX's own probe (PCI ids under /sys, no backend started); private, so it may move.
+    from jax._src import hardware_utils
+    choice = platforms_without_absent_tpu(
+        os.environ, hardware_utils.num_available_tpu_chips_and_device_id()[0],
+        hardware_utils.has_visible_nvidia_gpu(),
+        hardware_utils.num_available_amd_gpus(stop_at=1),
+        importlib.util.find_spec("libtpu") is not None)
+  except (ImportError, AttributeError):  # Only the chatter is at stake: leave JAX to choose.
+    return
+  if choice is not None and not jax.config.jax_platforms:
+    jax.config.update("jax_platforms", choice)
+
+
 def init_distributed() -> None:
-  """Joins a multi-process run before any other JAX use.
+  """Joins a multi-process run before any other JAX use (after `skip_absent_tpu`).
 
   On a TPU pod slice (EVA_DISTRIBUTED=1, or several TPU_WORKER_HOSTNAMES)
   `jax.distributed.initialize()` finds its peers itself. For CPU processes on one machine (the
   tests' stand-in for a pod), set EVA_COORDINATOR=host:port, EVA_NUM_PROCESSES and
   EVA_PROCESS_ID.
   """
+  skip_absent_tpu()
   if os.environ.get("EVA_COORDINATOR"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=os.environ["EVA_COORDINATOR"],

@@ -2,12 +2,15 @@
 the stages' progress bars (what they are told adds up to the work done), and the score stage's
 chunks (the same rewards as one scorer call, errors naming the prompt's index in the stage)."""
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from absl import logging as absl_logging
 
-from eva_jax import console, reward, stages
+from eva_jax import console, context, reward, stages
 
 
 class _Metrics:
@@ -116,3 +119,31 @@ def test_quiet_logs_sets_absl_and_the_chatty_loggers(verbosity, level):
     absl_logging.set_verbosity(before)
     for name in console.CHATTY_LOGGERS:
       logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+@pytest.mark.parametrize("env,chips,nvidia,amd,libtpu,expected", [
+    ({}, 0, False, 0, True, "cpu"),              # CPU-only machine with the tpu extra
+    ({}, 0, False, 0, False, None),              # no libtpu: JAX probes nothing noisy
+    ({}, 4, False, 0, True, None),               # a TPU VM
+    ({}, 0, True, 0, True, None),                # an NVIDIA GPU machine
+    ({}, 0, False, 2, True, None),               # an AMD GPU machine
+    ({"JAX_PLATFORMS": "tpu"}, 0, False, 0, True, None),       # the user's own choice
+    ({"JAX_FORCE_TPU_INIT": "1"}, 0, False, 0, True, None),
+])
+def test_platforms_without_absent_tpu(env, chips, nvidia, amd, libtpu, expected):
+  assert context.platforms_without_absent_tpu(env, chips, nvidia, amd, libtpu) == expected
+
+
+def test_a_run_on_a_cpu_machine_starts_without_libtpu_chatter():
+  """main.py's first JAX step in a fresh process, JAX_PLATFORMS unset: stderr stays empty."""
+  from jax._src import hardware_utils
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0] or \
+      hardware_utils.has_visible_nvidia_gpu():
+    pytest.skip("this machine has an accelerator")
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  code = ("from eva_jax import context; context.init_distributed(); import jax; "
+          "print(jax.devices()[0].platform)")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120, check=True)
+  assert out.stdout.strip() == "cpu"
+  assert out.stderr == ""
