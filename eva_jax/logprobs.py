@@ -45,8 +45,9 @@ REFERENCE_KEYS = ("ref_chosen", "ref_rejected")
 WIN_PROB_KEYS = ("chosen_win_prob", "rejected_win_prob")
 SFT_KEYS = ("tokens", "mask", "loss_mask")
 # impl="auto" on CPU: up to this many bytes of float32 [N, V] logits, the plain LM head (3
-# matmuls) beats the kernels' chunked walk, whose backward recomputes the logits (4 matmuls);
-# there memory is plentiful and compute is not. Larger heads, and accelerators, take the kernel.
+# matmuls, "dense": kept logits, a hand-written backward) beats the kernels' chunked walk, whose
+# backward recomputes the logits (4 matmuls); there memory is plentiful and compute is not.
+# Larger heads, and accelerators, take the kernel.
 CPU_PLAIN_HEAD_BYTES = 512 * 2**20
 
 
@@ -254,7 +255,7 @@ def _summed_target_logprobs(config, params, hidden_BxSxD, targets_BxS, weights_B
   b, s, d = hidden_BxSxD.shape
   if impl == "auto" and jax.default_backend() == "cpu" and (
       4 * b * s * config.vocab_size <= CPU_PLAIN_HEAD_BYTES):
-    impl = "reference"
+    impl = "dense"
   w_out_DxV = models.output_projection(config, params).astype(config.jnp_dtype)
   hidden_NxD = nn.with_logical_constraint(hidden_BxSxD.reshape(b * s, d),
                                           ("act_batch", "act_embed"))
@@ -288,8 +289,8 @@ def sequence_logprobs(config: models.ModelConfig, params: dict, tokens_BxT, atte
     config, params: the policy (a causal LM).
     tokens_BxT, attention_mask_BxT, loss_mask_BxT: int [B, T], padding anywhere.
     impl: `eva_jax.kernels.target_logprobs` implementation ("chunked", "pallas",
-      "reference"), or "auto": the kernels' choice, except the plain head on CPU when its
-      logits are small (CPU_PLAIN_HEAD_BYTES).
+      "reference", "dense"), or "auto": the kernels' choice, except the plain head ("dense")
+      on CPU when its logits are small (CPU_PLAIN_HEAD_BYTES).
     num_targets: static; when given, the LM head runs only at the first `num_targets` target
       positions of each row (it must be >= the most targets in any row: see
       `num_targets_bucket`); None runs it at all T - 1 positions (masked).

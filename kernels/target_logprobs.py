@@ -3,6 +3,8 @@
 `target_logprobs` is the entry point the training code calls; it dispatches to
 
 - "reference": `reference_target_logprobs`, plain jnp that materialises the [N, V] logits;
+- "dense":     `dense_target_logprobs`, the same [N, V] logits with a hand-written backward
+               (logprob_dense.py; what the CPU update uses for small heads);
 - "chunked":   `chunked_target_logprobs`, pure JAX walking the vocabulary in blocks
                (logprob_chunked.py);
 - "pallas":    `pallas_target_logprobs`, fused Pallas kernels, forward and backward
@@ -21,9 +23,10 @@ from .logprob_chunked import apply_softcap
 from .logprob_chunked import chunked_target_logprobs
 from .logprob_chunked import common_dtype
 from .logprob_chunked import validate_inputs
+from .logprob_dense import dense_target_logprobs
 from .logprob_pallas import pallas_target_logprobs
 
-IMPLS = ("auto", "reference", "chunked", "pallas")
+IMPLS = ("auto", "reference", "dense", "chunked", "pallas")
 
 
 def reference_target_logprobs(hidden_NxD, w_out_DxV, targets_N, *, softcap=None,
@@ -50,7 +53,8 @@ def target_logprobs(hidden_NxD, w_out_DxV, targets_N, *, softcap=None, return_en
     targets_N: int token ids [N], each in [0, V).
     softcap: Gemma 2 final-logit soft-cap (30.0 for Gemma 2), or None for no capping.
     return_entropy: also return each row's softmax entropy in nats.
-    impl: "auto" (Pallas on GPU/TPU, chunked on CPU), "reference", "chunked" or "pallas".
+    impl: "auto" (Pallas on GPU/TPU, chunked on CPU), "reference", "dense", "chunked" or
+      "pallas".
     block_n: Pallas row tile (ignored by the other impls); None for the default.
     block_v: vocabulary block of the chunked walk or of the Pallas tile; None for the default.
     interpret: Pallas interpreter switch; None means True on CPU.
@@ -66,6 +70,9 @@ def target_logprobs(hidden_NxD, w_out_DxV, targets_N, *, softcap=None, return_en
   if impl == "reference":
     return reference_target_logprobs(hidden_NxD, w_out_DxV, targets_N, softcap=softcap,
                                      return_entropy=return_entropy)
+  if impl == "dense":
+    return dense_target_logprobs(hidden_NxD, w_out_DxV, targets_N, softcap=softcap,
+                                 return_entropy=return_entropy)
   if impl == "chunked":
     return chunked_target_logprobs(hidden_NxD, w_out_DxV, targets_N, softcap=softcap,
                                    return_entropy=return_entropy,

@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from . import logprob_chunked as chunked
 from . import logprob_pallas as pallas
 
-IMPLS = ("auto", "reference", "chunked", "pallas")
+IMPLS = ("auto", "reference", "dense", "chunked", "pallas")
 DEFAULT_ROW_CHUNK = 8192
 
 
@@ -204,7 +204,8 @@ def vocab_parallel_target_logprobs(hidden_NxD, w_out_DxV, targets_N, *, mesh=Non
     row_axes: mesh axes the rows are split over, major first (N is padded to their size).
     softcap, return_entropy: as in `target_logprobs`.
     impl: the local block walk: "auto" (Pallas on GPU/TPU, chunked on CPU), "chunked",
-      "pallas", or "reference" (the chunked walk in one block: the plain head per slice).
+      "pallas", or "reference" / "dense" (the chunked walk in one block: the plain head per
+      slice).
     row_chunk: the most rows gathered onto a device per step (bounds the gathered [rows, D]).
     block_v, block_n, interpret: the local walk's tiles and Pallas interpreter switch, as in
       `target_logprobs` (None for the defaults).
@@ -241,7 +242,7 @@ def vocab_parallel_target_logprobs(hidden_NxD, w_out_DxV, targets_N, *, mesh=Non
                               block_n=block_n, block_v=block_v, interpret=interpret)
     forward, backward = pallas.pallas_forward, pallas.pallas_backward
   else:
-    walk_v = vocab_local if impl == "reference" else chunked.validate_block(
+    walk_v = vocab_local if impl in ("reference", "dense") else chunked.validate_block(
         "block_v", chunked.DEFAULT_BLOCK_V if block_v is None else block_v)
     spec = chunked.ChunkSpec(softcap=softcap, with_entropy_grad=bool(return_entropy),
                              block_v=min(walk_v, vocab_local))

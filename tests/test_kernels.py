@@ -37,7 +37,7 @@ def _inputs(seed=0, dtype=jnp.float32):
 
 def _impl(name, softcap, return_entropy, **overrides):
   """A (hidden, w_out, targets) -> outputs function for one implementation, small tiles."""
-  if name == "reference":
+  if name in ("reference", "dense"):
     kwargs = {}
   elif name == "chunked":
     kwargs = dict(block_v=32)
@@ -45,6 +45,7 @@ def _impl(name, softcap, return_entropy, **overrides):
     kwargs = dict(block_n=8, block_v=32, block_d=8, bwd_block_v=32, interpret=True)
   kwargs.update(overrides)
   fn = {"reference": kernels.reference_target_logprobs,
+        "dense": kernels.dense_target_logprobs,
         "chunked": kernels.chunked_target_logprobs,
         "pallas": kernels.pallas_target_logprobs}[name]
   return lambda h, w, t: fn(h, w, t, softcap=softcap, return_entropy=return_entropy, **kwargs)
@@ -83,7 +84,7 @@ def test_reference_matches_numpy(softcap):
   np.testing.assert_allclose(entropy, want_entropy, **TOL)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+@pytest.mark.parametrize("impl", ["dense", "chunked", "pallas"])
 @pytest.mark.parametrize("softcap", [None, SOFTCAP])
 def test_values_and_grads_match_reference(impl, softcap):
   hidden, w_out, targets, weights = _inputs()
@@ -98,6 +99,7 @@ def test_values_and_grads_match_reference(impl, softcap):
 
 
 @pytest.mark.parametrize("impl,overrides", [
+    ("dense", {}),
     ("chunked", dict(block_v=256)),         # block wider than the vocabulary: clipped to V
     ("pallas", dict(block_d=None)),         # all of D in one matmul inside the kernel
 ])
@@ -113,7 +115,7 @@ def test_logprobs_only(impl, overrides):
     np.testing.assert_allclose(g, w, err_msg=name, **TOL)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+@pytest.mark.parametrize("impl", ["dense", "chunked", "pallas"])
 def test_probabilities_sum_to_one(impl):
   """One hidden row scored against every vocabulary entry: the probabilities sum to 1."""
   hidden, w_out, _, _ = _inputs(seed=2)
@@ -122,7 +124,7 @@ def test_probabilities_sum_to_one(impl):
   np.testing.assert_allclose(jnp.sum(jnp.exp(logprob)), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+@pytest.mark.parametrize("impl", ["dense", "chunked", "pallas"])
 def test_bfloat16_inputs(impl):
   """bf16 inputs: float32 outputs equal the float32 computation on the same (rounded) values.
 
@@ -222,14 +224,14 @@ def test_target_logprobs_dispatch_with_default_blocks():
   want = kernels.reference_target_logprobs(hidden, w_out, targets, softcap=SOFTCAP,
                                            return_entropy=True)
   # "auto" is the chunked walk on CPU; "pallas" runs its default 64 x 256 tile interpreted.
-  for impl in ["auto", "reference", "chunked", "pallas"]:
+  for impl in ["auto", "reference", "dense", "chunked", "pallas"]:
     got = kernels.target_logprobs(hidden, w_out, targets, softcap=SOFTCAP, return_entropy=True,
                                   impl=impl)
     for name, g, w in zip(["logprob", "entropy"], got, want):
       np.testing.assert_allclose(g, w, err_msg=f"{impl} {name}", **TOL)
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked", "pallas"])
+@pytest.mark.parametrize("impl", ["reference", "dense", "chunked", "pallas"])
 @pytest.mark.parametrize("bad,error,match", [
     (dict(hidden=np.zeros((N, D + 1), np.float32)), ValueError, "D differs"),
     (dict(targets=np.zeros((N + 1,), np.int32)), ValueError, "targets has"),
