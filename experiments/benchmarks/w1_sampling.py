@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eva_jax import models, sampling, token_select
+from eva_jax import context, models, sampling, token_select
 from eva_jax.models import hf
 
 PROMPTS, SAMPLES, PROMPT_LEN, NEW_TOKENS = 8, 6, 64, 128
@@ -111,6 +111,7 @@ def _profile(config, params) -> dict:
 
 
 def main():
+  context.skip_absent_tpu()  # No libtpu start-up errors on a CPU machine's stderr.
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no-peer", action="store_true")

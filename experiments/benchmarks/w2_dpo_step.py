@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import transformers
 
-from eva_jax import logprobs, sharding, train, train_state
+from eva_jax import context, logprobs, sharding, train, train_state
 from eva_jax.models import hf
 
 PAIRS, PROMPT, RESPONSE, BETA, LR = 8, 64, 192, 0.1, 5e-7
@@ -72,6 +72,7 @@ def _torch_step(model, optimizer, batch):
 
 
 def main():
+  context.skip_absent_tpu()  # No libtpu start-up errors on a CPU machine's stderr.
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
   parser.add_argument("--impl", default="auto", help="kernels.target_logprobs impl")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import transformers
 
-from eva_jax import reward
+from eva_jax import context, reward
 from eva_jax.models import hf
 
 SEQUENCES, LENGTH = 48, 256
@@ -42,6 +42,7 @@ def _timed(fn) -> tuple[float, float]:
 
 
 def main():
+  context.skip_absent_tpu()  # No libtpu start-up errors on a CPU machine's stderr.
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()

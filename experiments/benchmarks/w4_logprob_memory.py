@@ -18,7 +18,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from eva_jax import kernels
+from eva_jax import context, kernels
 
 TOKENS, HIDDEN, VOCAB = 4096, 2048, 256000
 
@@ -36,6 +36,7 @@ def _temp_bytes(logprob_fn, with_grad: bool, dtype) -> int:
 
 
 def main():
+  context.skip_absent_tpu()  # No libtpu start-up errors on a CPU machine's stderr.
   for dtype in (jnp.float32, jnp.bfloat16):
     for with_grad in (True, False):
       naive = _temp_bytes(kernels.reference_target_logprobs, with_grad, dtype)

@@ -30,7 +30,7 @@ import time
 import jax
 import numpy as np
 
-from eva_jax import continuous, sampling
+from eva_jax import context, continuous, sampling
 from eva_jax.models import hf, smollm2
 from eva_jax.models.tokenizer import load_tokenizer
 
@@ -112,6 +112,7 @@ def _peer(model, tok, ids, args):
 
 
 def main():
+  context.skip_absent_tpu()  # No libtpu start-up errors on a CPU machine's stderr.
   parser = argparse.ArgumentParser()
   parser.add_argument("--prompts", type=int, default=64)
   parser.add_argument("--samples", type=int, default=6)
