@@ -43,8 +43,8 @@ import numpy as np
 from eva_jax import models, sharding, token_select
 from eva_jax.models.config import ModelConfig
 from eva_jax.sampling import (MAX_EOS, MIN_PROMPT_BUCKET, SampleOutput, cache_sharding,
-                              generated_slots, inference_config, mesh_platform, on_batch,
-                              prepare_params, prompt_prefill, raise_if_non_finite,
+                              gen_layers, generated_slots, inference_config, mesh_platform,
+                              on_batch, prepare_params, prompt_prefill, raise_if_non_finite,
                               round_up_bucket)
 
 # Traces of each jitted program; a test reads it to check the compile count.
@@ -245,6 +245,8 @@ def _decode(config: ModelConfig, params: dict, cache: dict, state: State, table:
                              eos_E=eos_E, select=select, num_samples=num_samples, impl=impl,
                              pad_id=pad_id, max_new_tokens=t)
 
+  gen_layer = gen_layers(config, cache, mesh)
+
   def body(carry):
     cache, st = carry
     cache, st = jax.lax.cond(st.done_S.any() & (st.next_row < end_row),
@@ -253,7 +255,7 @@ def _decode(config: ModelConfig, params: dict, cache: dict, state: State, table:
     written_S = st.count_S - 1
     split = models.SplitCache(cache["prompt"]["k"], cache["prompt"]["v"],
                               cache["generated"]["k"], cache["generated"]["v"],
-                              st.positions_GxP, st.valid_GxP, written_S)
+                              st.positions_GxP, st.valid_GxP, written_S, gen_layer)
     length_S = jnp.repeat(st.length_G, s // g_count)
     hidden_SxD, new_kv = models.sample_step(config, params, st.prev_S, length_S + written_S,
                                             split)

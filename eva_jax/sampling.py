@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eva_jax import models, sharding, token_select
+from eva_jax.models import attention
 from eva_jax.models.config import ModelConfig
 
 # Traces of each jitted stage, and "prepare": params cast and placed by `prepare_params`. Tests
@@ -103,6 +104,15 @@ def mesh_platform(mesh) -> str:
   """The platform a sampler with this mesh compiles for: its devices' (a TPU topology's for the
   memory plan's ahead-of-time compiles), or the default backend's without a mesh."""
   return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+
+
+def gen_layers(config: ModelConfig, cache: dict, mesh):
+  """`SplitCache.gen_layer` for a decode over `cache`: the layer indices where the step walks
+  the generated cache block by block (`attention.walks_generated_blocks`), else None."""
+  gen_len = cache["generated"]["k"].shape[4]
+  if not attention.walks_generated_blocks(mesh_platform(mesh), gen_len):
+    return None
+  return jnp.arange(config.num_layers, dtype=jnp.int32)
 
 
 def inference_config(config: ModelConfig) -> ModelConfig:
@@ -210,12 +220,14 @@ def _decode(config: ModelConfig, params: dict, cache: dict, logits_BxV: jax.Arra
          jnp.zeros((r,), jnp.int32), ~jnp.repeat(active_B, n), jnp.full((r,), -1, jnp.int32))
   out = record(0, on_batch(first_R, mesh), first_lp_R, out)
 
+  gen_layer = gen_layers(config, cache, mesh)
+
   def body(state):
     i, cache, prev_R, out = state
     # Token i - 1 goes in; its keys/values land in generated slot i - 1.
     split = models.SplitCache(cache["prompt"]["k"], cache["prompt"]["v"],
                               cache["generated"]["k"], cache["generated"]["v"],
-                              prompt_positions_BxP, prompt_valid_BxP, i - 1)
+                              prompt_positions_BxP, prompt_valid_BxP, i - 1, gen_layer)
     hidden_RxD, new_kv = models.sample_step(config, params, prev_R, prompt_len_R + i - 1, split)
     # [L, R, K, E] -> [L, B, N, K, 1, E]: written in the cache's own layout, in place.
     cache = dict(cache, generated=jax.tree.map(

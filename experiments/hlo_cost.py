@@ -255,11 +255,14 @@ class Cost:
   loops: tuple  # The trip counts found, outermost first.
 
 
-def program_cost(hlo_text: str, steps: int = 1) -> Cost:
+def program_cost(hlo_text: str, steps: int = 1, named_trips: Optional[dict] = None) -> Cost:
   """FLOPs and bytes of the optimized HLO text of one device's program (see the module doc).
 
   steps: the trip count to assume for loops of the entry computation whose count cannot be read
-  (the sampler's decode loop: max_new_tokens - 1); such loops nested deeper count once."""
+  (the sampler's decode loop: max_new_tokens - 1); such loops nested deeper count once, except
+  those whose op_name contains a key of `named_trips`, which count its value (the decode's walk
+  over the generated cache, `attention.GEN_WALK_SCOPE`: its mean trip count over a
+  generation)."""
   computations, entry = parse_module(hlo_text)
   shapes = {o.name: o.shape for ops in computations.values() for o in ops}
   totals = collections.Counter()
@@ -277,7 +280,8 @@ def program_cost(hlo_text: str, steps: int = 1) -> Cost:
       if op.kind == "while":
         trips = _trip_count(op, computations[name], computations)
         if trips is None:
-          trips = steps if name == entry else 1
+          named = [t for key, t in (named_trips or {}).items() if key in op.attrs]
+          trips = steps if name == entry else (named[0] if named else 1)
         loops.append(trips)
         walk(_attr(op.attrs, "body"), weight * trips, False)
       elif op.kind in ("call", "conditional"):

@@ -91,6 +91,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from eva_jax import models, online, reward, sampling, sharding, train, train_state  # noqa: E402
 from eva_jax.logprobs import PAIR_KEYS, REFERENCE_KEYS  # noqa: E402
+from eva_jax.models import attention  # noqa: E402
 # `python experiments/memory_plan.py` puts experiments/ on sys.path, not the repo root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import roofline  # noqa: E402
@@ -370,6 +371,13 @@ def run_workload(w: Workload, backend: str = "cpu", hlo_dir: Optional[str] = Non
             "programs": {}}
 
 
+def walked_blocks() -> dict:
+  """The decode's walk over generated blocks (on TPU) counted at its mean trip count over a
+  generation of NEW_TOKENS (hlo_cost.program_cost's named_trips)."""
+  gen_len = sampling.generated_slots(NEW_TOKENS, "tpu")
+  return {attention.GEN_WALK_SCOPE: attention.mean_walked_blocks(NEW_TOKENS, gen_len)}
+
+
 def workload_costs(w: Workload, programs: dict, hlo_dir: Optional[str] = None) -> dict:
   """`roofline.roofline` of each compiled program of `w` ({"update"} / {"prefill", "decode"} /
   {"score"} -> compiled), with its model FLOPs (and the decode step's model bytes)."""
@@ -391,7 +399,7 @@ def workload_costs(w: Workload, programs: dict, hlo_dir: Optional[str] = None) -
     step_bytes = roofline.decode_model_bytes(policy, w.batch, PROMPT_LEN, w.samples, NEW_TOKENS)
     return {"prefill": cost("prefill", flops(policy, w.batch * PROMPT_LEN, w.batch)),
             "decode": cost("decode", flops(policy, rows, rows), model_bytes=step_bytes,
-                           steps=NEW_TOKENS - 1)}
+                           steps=NEW_TOKENS - 1, named_trips=walked_blocks())}
   return {"score": cost("score", flops(REWARD_MODEL, w.batch * REWARD_LEN, 0))}
 
 

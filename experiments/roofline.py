@@ -46,7 +46,7 @@ def decode_model_bytes(config: models.ModelConfig, num_prompts: int, prompt_len:
 
 def roofline(compiled, chip: str, devices: int, model_flops: float,
              model_bytes: Optional[float] = None, hlo_path: Optional[str] = None,
-             steps: int = 1) -> dict:
+             steps: int = 1, named_trips: Optional[dict] = None) -> dict:
   """One program's cost per chip (see hlo_cost: loops expanded) and its roofline.
 
   time = max(flops / peak FLOP/s, bytes / peak HBM bytes/s) of the compiled per-chip program;
@@ -54,12 +54,13 @@ def roofline(compiled, chip: str, devices: int, model_flops: float,
   (time x peak bytes/s). The compiler's own cost_analysis (each loop body once) is kept beside.
   hlo_path: where to keep the optimized HLO text, to re-read it without compiling again.
   steps: for the decode program, its steps (max_new_tokens - 1): the figures are per step, the
-  program's one-off work spread over them (hlo_cost.program_cost)."""
+  program's one-off work spread over them (hlo_cost.program_cost); named_trips: the trip
+  counts of its named inner loops (hlo_cost.program_cost)."""
   text = compiled.as_text()
   if hlo_path:
     with open(hlo_path, "w") as f:
       f.write(text)
-  cost = hlo_cost.program_cost(text, steps)
+  cost = hlo_cost.program_cost(text, steps, named_trips)
   raw = compiled.cost_analysis()
   raw = raw[0] if isinstance(raw, (list, tuple)) else raw
   peak_flops, peak_bw = PEAKS[chip]

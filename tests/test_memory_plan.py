@@ -222,3 +222,28 @@ def test_resident_bytes_count_what_the_runner_keeps():
   assert resident("score") == pytest.approx(policy, rel=1e-3)
   assert resident("rloo", "online") == pytest.approx(policy / 2 + rm, rel=1e-3)
   assert resident("sample", "online") == pytest.approx(3.5 * policy + rm, rel=1e-3)
+
+
+def test_decode_walk_over_generated_blocks_is_counted_at_its_mean(tpu_mesh):
+  """On TPU a decode step reads only the generated blocks that hold tokens (a loop whose trip
+  count the HLO cannot show). hlo_cost counts that loop at the mean over a generation, given
+  by name: 200 new tokens, 256 slots in blocks of 128 -> steps with 0 written slots read 0
+  blocks, 1-128 one, 129-198 two: (128 + 2 * 70) / 199. Each extra trip adds, per layer, the
+  QK and PV products of one block, 4·H·E FLOPs a slot and row, over the 4 chips. (Bytes are
+  not checked here: at this size the compiler keeps the cache in on-chip memory.)"""
+  from eva_jax.models import attention
+  prompts, samples, new_tokens = 4, 2, 200
+  gen_len = sampling.generated_slots(new_tokens, "tpu")
+  assert gen_len == 256 and attention.walks_generated_blocks("tpu", gen_len)
+  mean = attention.mean_walked_blocks(new_tokens, gen_len)
+  assert mean == pytest.approx((128 + 2 * 70) / 199)
+  _, decode = memory_plan.compile_sampling(CONFIG, tpu_mesh, num_prompts=prompts, prompt_len=8,
+                                           num_samples=samples, max_new_tokens=new_tokens)
+  text = decode.as_text()
+  named = hlo_cost.program_cost(text, new_tokens - 1, {attention.GEN_WALK_SCOPE: mean})
+  once = hlo_cost.program_cost(text, new_tokens - 1)
+  assert mean in named.loops and mean not in once.loops
+  c = CONFIG
+  block_flops = 4 * c.num_heads * c.head_dim * attention.GEN_BLOCK * prompts * samples / 4
+  assert named.flops - once.flops == pytest.approx(
+      (mean - 1) * (new_tokens - 1) * c.num_layers * block_flops, rel=1e-6)

@@ -520,3 +520,45 @@ def test_continuous_bad_input_is_a_clear_error(llama):
     continuous.sample_continuous(config, params, ids, **dict(kw, slots=0))
   with pytest.raises(ValueError, match="chunk must be an int >= 1"):
     continuous.sample_continuous(config, params, ids, **dict(kw, chunk=0))
+
+
+def test_decode_walking_generated_blocks_matches_reading_every_slot(gemma, monkeypatch):
+  """The TPU decode's walk over the generated cache (`attention.walks_generated_blocks`: only
+  the blocks that hold tokens are read, an online softmax across them), forced on here with
+  8-slot blocks: the same draws and log-probs as the one einsum over every slot, for fixed
+  batches (one count for all rows) and continuous batching (a count per row). Window 5 and
+  the soft-cap are crossed by the 20 new tokens (24 slots: 3 blocks)."""
+  from eva_jax.models import attention
+  config, params = gemma
+  tokens, mask = hf_fixtures.ragged_batch([12, 3, 9], 12, seed=11)
+  ids = [list(row[m.astype(bool)]) for row, m in zip(tokens, mask)]
+  kw = dict(num_samples=2, max_new_tokens=20, eos_ids=(), temperature=0.8, top_p=0.9)
+
+  def run():
+    fixed = sampling.sample(config, params, tokens, mask, rng=jax.random.key(2), **kw)
+    cont = continuous.sample_continuous(config, params, ids, rng=jax.random.key(2), slots=4,
+                                        group=2, **kw)
+    return fixed, cont
+
+  want = run()
+  walked = []
+  walk = attention.SplitCache._attend_gen_blocks
+
+  def spy(self, *args):
+    walked.append(self.gen_layer.shape)  # Traced: the blocked path was compiled.
+    return walk(self, *args)
+
+  monkeypatch.setattr(attention, "GEN_BLOCK", 8)
+  monkeypatch.setattr(attention, "walks_generated_blocks",
+                      lambda platform, gen_len: gen_len > 8 and gen_len % 8 == 0)
+  monkeypatch.setattr(attention.SplitCache, "_attend_gen_blocks", spy)
+  jax.clear_caches()  # The programs above were compiled without the walk.
+  try:
+    got = run()
+  finally:
+    jax.clear_caches()
+  assert walked
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g.tokens), np.asarray(w.tokens))
+    np.testing.assert_array_equal(np.asarray(g.lengths), np.asarray(w.lengths))
+    np.testing.assert_allclose(np.asarray(g.logprobs), np.asarray(w.logprobs), atol=1e-5)

@@ -7,8 +7,9 @@
   SplitCache  the sampler's one-token decode step: N samples per prompt read one shared,
               unrepeated prompt cache and a cache of their own generated tokens.
 
-Each kind is a NamedTuple whose `LAYER_FIELDS` carry a leading layers axis (the decoder scans
-them, one slice per layer) while the other fields are shared by every layer; its `attend`
+Each kind is a NamedTuple whose layer fields (`layer_fields`) carry a leading layers axis (the
+decoder scans them, one slice per layer) while the other fields are shared by every layer; its
+`attend`
 takes the new queries/keys/values (RoPE applied) and returns the attention output [B, T, H, E]
 and what the layer hands back to the caller (nothing, the re-written cache slice, or the new
 token's keys/values).
@@ -46,6 +47,29 @@ from eva_jax.models.grouped_attention import grouped_attention
 Array = jax.Array
 # Finite, so a row with no visible slot gives a uniform softmax rather than NaN.
 NEG_INF = -0.7 * float(np.finfo(np.float32).max)
+# On TPU the decode step walks the generated cache in blocks of this many slots and reads only
+# the blocks that hold tokens (`walks_generated_blocks`).
+GEN_BLOCK = 128
+
+
+# The walk's named scope: the memory plan's cost count finds the loop by it (hlo_cost).
+GEN_WALK_SCOPE = "generated_block_walk"
+
+
+def mean_walked_blocks(max_new_tokens: int, gen_len: int) -> float:
+  """The walk's mean trip count over a generation of `max_new_tokens`: decode step i (1 to
+  max_new_tokens - 1) has written i - 1 slots and reads ceil((i - 1) / GEN_BLOCK) blocks."""
+  written = np.minimum(np.arange(max(max_new_tokens - 1, 1)), gen_len)
+  return float(np.mean(-(-written // GEN_BLOCK)))
+
+
+def walks_generated_blocks(platform: str, gen_len: int) -> bool:
+  """Whether a decode step compiled for `platform` over `gen_len` generated slots walks them
+  block by block (`SplitCache.gen_layer`). On TPU, where the slots are a multiple of 128, step
+  t of T' then reads ceil(t / 128) blocks of each layer's generated cache instead of all T'
+  slots: about half the cache's bytes over a generation. Elsewhere one einsum reads every slot
+  (no loop overhead; the CPU sampler's output stays bit for bit what it was)."""
+  return platform == "tpu" and gen_len > GEN_BLOCK and gen_len % GEN_BLOCK == 0
 
 
 def _query_scale(config: ModelConfig) -> float:
@@ -248,7 +272,17 @@ class SplitCache(NamedTuple):
   prompt_positions_BxP: Array
   prompt_valid_BxP: Array
   num_written: Any
+  # None: gen_k/gen_v are scanned with the layers and read whole. The layer indices [L] (set by
+  # the sampler where `walks_generated_blocks`): gen_k/gen_v stay whole [L, ...] arrays that
+  # each layer reads block by block at its own index, so a block nobody has written is never
+  # loaded (a scanned slice would be loaded whole before any loop could skip part of it).
+  gen_layer: Any = None
   LAYER_FIELDS = ("prompt_k", "prompt_v", "gen_k", "gen_v")
+
+  def layer_fields(self) -> tuple:
+    if self.gen_layer is None:
+      return self.LAYER_FIELDS
+    return ("prompt_k", "prompt_v", "gen_layer")
 
   def attend(self, config, q_Rx1xHxE, k_Rx1xKxE, v_Rx1xKxE, positions_Rx1, window):
     """-> (output [R, 1, H, E], the new token's {"k", "v"} [R, K, E] in the cache dtype)."""
@@ -261,29 +295,28 @@ class SplitCache(NamedTuple):
     v_new = v_Rx1xKxE[:, 0].astype(self.gen_v.dtype)
 
     q_BxNxKxGxE = (q_RxHxE * _query_scale(config)).reshape(b, n, k, g, e)
-    gen_len = self.gen_k.shape[3]
-    gen_k_BxNxKxTxE = self.gen_k.astype(dt)
-    gen_v_BxNxKxTxE = self.gen_v.astype(dt)
     f32, cap = jnp.float32, config.attn_logit_softcap
     s_prompt = apply_softcap(jnp.einsum("BNKGE,BKPE->BNKGP", q_BxNxKxGxE,
                                         self.prompt_k.astype(dt), preferred_element_type=f32), cap)
-    s_gen = apply_softcap(jnp.einsum("BNKGE,BNKTE->BNKGT", q_BxNxKxGxE, gen_k_BxNxKxTxE,
-                                     preferred_element_type=f32), cap)
     s_self = apply_softcap(jnp.einsum("BNKGE,BNKE->BNKG", q_BxNxKxGxE,
                                       k_new.astype(dt).reshape(b, n, k, e),
                                       preferred_element_type=f32), cap)
-
-    # Prompt slots are all earlier than the query; generated slot j sits num_written - j
-    # tokens before it and holds a token once j < num_written.
+    # Prompt slots are all earlier than the query.
     q_pos_BxN = positions_R.reshape(b, n)
     in_window_BxNxP = (window <= 0) | (q_pos_BxN[:, :, None] - self.prompt_positions_BxP[:, None]
                                        < window)
     prompt_ok = (self.prompt_valid_BxP[:, None] & in_window_BxNxP)[:, :, None, None, :]
-    back_T = jnp.asarray(self.num_written)[..., None] - jnp.arange(gen_len)
-    gen_ok = (back_T > 0) & ((window <= 0) | (back_T < window))
-    gen_ok = jnp.broadcast_to(gen_ok, (r, gen_len)).reshape(b, n, 1, 1, gen_len)
     s_prompt = jnp.where(prompt_ok, s_prompt, NEG_INF)
-    s_gen = jnp.where(gen_ok, s_gen, NEG_INF)
+    v_self_BxNxKx1xE = v_new.astype(dt).reshape(b, n, k, 1, e)
+    if self.gen_layer is not None:
+      out_BxNxKxGxE = self._attend_gen_blocks(config, q_BxNxKxGxE, s_prompt, s_self,
+                                              v_self_BxNxKx1xE, window, r)
+      return out_BxNxKxGxE.reshape(r, 1, h, e), {"k": k_new, "v": v_new}
+
+    gen_len = self.gen_k.shape[3]
+    s_gen = apply_softcap(jnp.einsum("BNKGE,BNKTE->BNKGT", q_BxNxKxGxE, self.gen_k.astype(dt),
+                                     preferred_element_type=f32), cap)
+    s_gen = jnp.where(self._gen_visible(0, gen_len, window, r, b, n), s_gen, NEG_INF)
     # One softmax over the three parts (the token itself is always visible).
     m = jnp.maximum(jnp.maximum(s_prompt.max(-1), s_gen.max(-1)), s_self)
     w_prompt, w_gen = jnp.exp(s_prompt - m[..., None]), jnp.exp(s_gen - m[..., None])
@@ -293,12 +326,57 @@ class SplitCache(NamedTuple):
         jnp.einsum("BNKGP,BKPE->BNKGE", (w_prompt / denom[..., None]).astype(dt),
                    self.prompt_v.astype(dt))
         + jnp.einsum("BNKGT,BNKTE->BNKGE", (w_gen / denom[..., None]).astype(dt),
-                     gen_v_BxNxKxTxE)
-        + (w_self / denom).astype(dt)[..., None] * v_new.astype(dt).reshape(b, n, k, 1, e))
+                     self.gen_v.astype(dt))
+        + (w_self / denom).astype(dt)[..., None] * v_self_BxNxKx1xE)
     return out_BxNxKxGxE.reshape(r, 1, h, e), {"k": k_new, "v": v_new}
+
+  def _gen_visible(self, start, width, window, r, b, n):
+    """[B, N, 1, 1, width]: generated slot j (from `start`) sits num_written - j tokens before
+    the query and holds a token once j < num_written."""
+    back = jnp.asarray(self.num_written)[..., None] - (start + jnp.arange(width))
+    ok = (back > 0) & ((window <= 0) | (back < window))
+    return jnp.broadcast_to(ok, (r, width)).reshape(b, n, 1, 1, width)
+
+  def _attend_gen_blocks(self, config, q_BxNxKxGxE, s_prompt, s_self, v_self_BxNxKx1xE, window,
+                         r):
+    """The softmax over prompt, generated and own slots with the generated cache read one
+    GEN_BLOCK of slots at a time (an online softmax), only up to the last written block."""
+    dt, f32, cap = config.jnp_dtype, jnp.float32, config.attn_logit_softcap
+    b, n, k, _, e = q_BxNxKxGxE.shape
+    # The prompt and the token itself start the running max, sum and output: the token is
+    # always visible, so the max is finite and a block with no visible slot changes nothing.
+    m = jnp.maximum(s_prompt.max(-1), s_self)
+    w_prompt, w_self = jnp.exp(s_prompt - m[..., None]), jnp.exp(s_self - m)
+    total = w_prompt.sum(-1) + w_self
+    acc = (jnp.einsum("BNKGP,BKPE->BNKGE", w_prompt.astype(dt), self.prompt_v.astype(dt),
+                      preferred_element_type=f32)
+           + w_self[..., None] * v_self_BxNxKx1xE.astype(f32))
+
+    def block(j, carry):
+      m, total, acc = carry
+      start = j * GEN_BLOCK
+      corner = (self.gen_layer, 0, 0, 0, start, 0)
+      size = (1, b, n, k, GEN_BLOCK, e)
+      k_blk = jax.lax.dynamic_slice(self.gen_k, corner, size)[0].astype(dt)
+      v_blk = jax.lax.dynamic_slice(self.gen_v, corner, size)[0].astype(dt)
+      s_blk = apply_softcap(jnp.einsum("BNKGE,BNKTE->BNKGT", q_BxNxKxGxE, k_blk,
+                                       preferred_element_type=f32), cap)
+      s_blk = jnp.where(self._gen_visible(start, GEN_BLOCK, window, r, b, n), s_blk, NEG_INF)
+      m_new = jnp.maximum(m, s_blk.max(-1))
+      w_blk, rescale = jnp.exp(s_blk - m_new[..., None]), jnp.exp(m - m_new)
+      acc = acc * rescale[..., None] + jnp.einsum("BNKGT,BNKTE->BNKGE", w_blk.astype(dt), v_blk,
+                                                  preferred_element_type=f32)
+      return m_new, total * rescale + w_blk.sum(-1), acc
+
+    num_blocks = jnp.minimum((jnp.max(jnp.asarray(self.num_written)) + GEN_BLOCK - 1) // GEN_BLOCK,
+                             self.gen_k.shape[4] // GEN_BLOCK)
+    with jax.named_scope(GEN_WALK_SCOPE):
+      _, total, acc = jax.lax.fori_loop(0, num_blocks, block, (m, total, acc))
+    return (acc / total[..., None]).astype(dt)
 
 
 def split_layers(cache):
   """(the per-layer fields {name: [L, ...]}, the cache with those fields set to None)."""
-  per_layer = {name: getattr(cache, name) for name in cache.LAYER_FIELDS}
-  return per_layer, cache._replace(**{name: None for name in cache.LAYER_FIELDS})
+  names = cache.layer_fields() if hasattr(cache, "layer_fields") else cache.LAYER_FIELDS
+  per_layer = {name: getattr(cache, name) for name in names}
+  return per_layer, cache._replace(**{name: None for name in names})
