@@ -44,8 +44,10 @@ The compiler's own `cost_analysis()` (keys "flops", "bytes accessed", "optimal_s
 counts a while-loop body once, so it sees one layer of the scanned decoder, one micro-batch
 and one log-prob chunk; it is kept beside as compiler_*_once (hlo_cost's own count taken the
 same way, *_once, agrees with it to a few %). The decode program is a while loop that can stop
-early: it is counted as max_new_tokens - 1 steps, the KV cache read in full at each, and
-divided by them (per step, its one-off casts and cache relayouts spread over the steps). Then,
+early: it is counted as max_new_tokens - 1 steps and divided by them (per step, its one-off
+casts and cache relayouts spread over the steps); each step's walk over the generated KV blocks
+that hold tokens (on TPU, `attention.walks_generated_blocks`) is counted at its mean trip count
+over the generation (`walked_blocks`). Then,
 at the chip's published peaks (roofline.PEAKS):
 
   time = max(flops / peak FLOP/s, bytes / peak HBM bytes/s)    (a lower bound on step time)
