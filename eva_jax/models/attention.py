@@ -9,10 +9,9 @@
 
 Each kind is a NamedTuple whose layer fields (`layer_fields`) carry a leading layers axis (the
 decoder scans them, one slice per layer) while the other fields are shared by every layer; its
-`attend`
-takes the new queries/keys/values (RoPE applied) and returns the attention output [B, T, H, E]
-and what the layer hands back to the caller (nothing, the re-written cache slice, or the new
-token's keys/values).
+`attend` takes the new queries/keys/values (RoPE applied) and returns the attention output
+[B, T, H, E] and what the layer hands back to the caller (nothing, the re-written cache slice,
+or the new token's keys/values).
 
 Why the sampler's split layout is fast: a dense cache scanned over the layers is handed back
 re-written, which inside a decode loop costs several full copies of the cache per token. The
@@ -50,8 +49,6 @@ NEG_INF = -0.7 * float(np.finfo(np.float32).max)
 # On TPU the decode step walks the generated cache in blocks of this many slots and reads only
 # the blocks that hold tokens (`walks_generated_blocks`).
 GEN_BLOCK = 128
-
-
 # The walk's named scope: the memory plan's cost count finds the loop by it (hlo_cost).
 GEN_WALK_SCOPE = "generated_block_walk"
 
