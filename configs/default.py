@@ -167,7 +167,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.win_prob_scale = 1.0
   c.train.max_length = 64
   c.train.max_prompt_length = 40
-  c.train.logprob_impl = "auto"  # Fused log-prob kernel: auto, pallas, chunked, reference.
+  c.train.logprob_impl = "auto"  # Log-prob kernel: auto, pallas, chunked, dense, reference.
 
   # Warm-start on easy levels (synthetic only). Short on purpose: after 300 steps the policy
   # samples right answers on part of the easy prompts (greedy held-out ~0.4, best of 8 ~0.58),

@@ -30,8 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import logprob_chunked as chunked
 from . import logprob_pallas as pallas
-
-IMPLS = ("auto", "reference", "dense", "chunked", "pallas")
+from .target_logprobs import IMPLS  # One list of walks for both entry points.
 DEFAULT_ROW_CHUNK = 8192
 
 
