@@ -19,6 +19,7 @@ state it was given (the update is computed but not applied); `check_finite` then
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Optional
 
@@ -39,7 +40,7 @@ from eva_jax.train_state import (OptimizerConfig, TrainState, init_train_state, 
 # This module is the entry point; the batch and state helpers are re-exported from it.
 __all__ = [
     "LossConfig", "OptimizerConfig", "TrainState", "accumulate_gradients", "apply_update",
-    "check_finite", "init_train_state", "make_optimizer", "make_pair_batch", "make_schedule",
+    "check_finite", "cpu_peak_flops", "init_train_state", "make_optimizer", "make_pair_batch", "make_schedule",
     "make_sft_batch", "make_train_step", "peak_flops", "preference_step", "reference_logprobs",
     "sequence_logprobs", "sft_step", "state_shardings", "throughput", "timed_step",
     "with_reference",
@@ -51,9 +52,9 @@ PEAK_FLOPS_BY_KIND = (
     ("v5p", 459e12), ("v5", 459e12), ("v4", 275e12),
     ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
 )
-# The whole host on the 2-core CPU machine: a float32 2048^3 matmul runs at ~65 GFLOP/s in
-# both JAX and PyTorch (BENCHMARKS.md). Fake CPU devices share it, so it is not per device.
-CPU_PEAK_FLOPS = 65e9
+# The CPU roof is a float32 [N, N] x [N, N] matmul of this size (BENCHMARKS.md's roof). It is
+# measured, not a constant: machines of one kind here ran it at 65 and at 115-190 GFLOP/s.
+CPU_ROOF_SIZE = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,12 +267,30 @@ def make_train_step(config: models.ModelConfig, optimizer, mesh, loss_cfg, *, sc
   return step
 
 
+@functools.cache
+def cpu_peak_flops(repeats: int = 3) -> float:
+  """The host's float32 matmul roof in FLOP/s: the best of `repeats` jitted
+  CPU_ROOF_SIZE^3 products after a warm-up, measured once per process (~0.5 s). Fake CPU
+  devices share the host, so it is the whole host's, not a device's."""
+  n = CPU_ROOF_SIZE
+  device = jax.local_devices(backend="cpu")[0]
+  a = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n**3 / best
+
+
 def peak_flops(devices=None) -> Optional[float]:
-  """Peak FLOP/s of `devices` together (bfloat16 dense on accelerators; CPU: the measured
-  float32 roof of the whole host, CPU_PEAK_FLOPS); None for an unknown accelerator."""
+  """Peak FLOP/s of `devices` together (bfloat16 dense on accelerators; CPU: the host's
+  measured float32 roof, `cpu_peak_flops()`); None for an unknown accelerator."""
   devices = list(devices if devices is not None else jax.devices())
   if devices[0].platform == "cpu":
-    return CPU_PEAK_FLOPS
+    return cpu_peak_flops()
   kind = devices[0].device_kind
   for key, flops in PEAK_FLOPS_BY_KIND:
     if key.lower() in kind.lower():

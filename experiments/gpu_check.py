@@ -19,7 +19,7 @@
 
 Peaks (NVIDIA's H100 SXM and H200 SXM datasheets): 989 TFLOP/s dense bf16 both; HBM 3.35 TB/s
 (H100), 4.8 TB/s (H200). Another device kind gets `null` fractions; the CPU gets the host's
-measured float32 roof (`train.CPU_PEAK_FLOPS`) and no bandwidth.
+float32 roof measured in the run (`train.cpu_peak_flops`) and no bandwidth.
 
   python experiments/gpu_check.py            # on the GPU machine
   python experiments/gpu_check.py --smoke    # everything at tiny sizes on CPU (kernel interpreted)
@@ -52,7 +52,7 @@ SIZES = {
 def peaks(device) -> tuple[Optional[float], Optional[float]]:
   """(peak FLOP/s, peak HBM bytes/s) of one device, None where unknown."""
   if device.platform == "cpu":
-    return train.CPU_PEAK_FLOPS, None
+    return train.cpu_peak_flops(), None
   for key, flops, bandwidth in GPU_PEAKS:
     if key.lower() in device.device_kind.lower():
       return flops, bandwidth

@@ -428,3 +428,17 @@ def test_optimizer_matches_pytorch(name):
   assert min(math.sqrt(sum(float((x ** 2).sum()) for x in g.values())) for g in grads) > 1.0
   for k in params:
     np.testing.assert_allclose(np.asarray(ours[k]), theirs[k].detach().numpy(), atol=1e-12)
+
+
+def test_cpu_roof_is_the_best_timed_matmul_and_feeds_mfu(monkeypatch):
+  # A fake clock: the three timed products take 0.5, 0.25 and 0.75 s, so the roof is the
+  # 2·N³ FLOPs of one product over the best, 0.25 s.
+  ticks = iter([0.0, 0.5, 1.0, 1.25, 2.0, 2.75])
+  monkeypatch.setattr(train, "time", type("Clock", (), {"perf_counter": lambda: next(ticks)}))
+  roof = train.cpu_peak_flops.__wrapped__(repeats=3)
+  assert roof == 2.0 * train.CPU_ROOF_SIZE**3 / 0.25
+  monkeypatch.setattr(train, "cpu_peak_flops", lambda: roof)
+  assert train.peak_flops(jax.devices("cpu")) == roof
+  # 3 x forward FLOPs of 10 tokens at 24 context, in 2 s, over the roof.
+  figures = train.throughput(CONFIG, 10, 24, 2.0, train.peak_flops())
+  assert figures["mfu"] == pytest.approx(3 * CONFIG.flops_per_token(24) * 10 / 2.0 / roof)
