@@ -40,10 +40,10 @@ from eva_jax.train_state import (OptimizerConfig, TrainState, init_train_state, 
 # This module is the entry point; the batch and state helpers are re-exported from it.
 __all__ = [
     "LossConfig", "OptimizerConfig", "TrainState", "accumulate_gradients", "apply_update",
-    "check_finite", "cpu_peak_flops", "init_train_state", "make_optimizer", "make_pair_batch", "make_schedule",
-    "make_sft_batch", "make_train_step", "peak_flops", "preference_step", "reference_logprobs",
-    "sequence_logprobs", "sft_step", "state_shardings", "throughput", "timed_step",
-    "with_reference",
+    "check_finite", "cpu_peak_flops", "init_train_state", "make_optimizer", "make_pair_batch",
+    "make_schedule", "make_sft_batch", "make_train_step", "peak_flops", "preference_step",
+    "reference_logprobs", "sequence_logprobs", "sft_step", "state_shardings", "throughput",
+    "timed_step", "with_reference",
 ]
 
 # Peak dense bfloat16 FLOP/s per chip, by a substring of `device.device_kind` (first match wins).
