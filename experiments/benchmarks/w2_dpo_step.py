@@ -12,8 +12,8 @@ gather, masked sum over the response -- what a PyTorch user writes -- then backw
 machine is shared). Prints one JSON line: median seconds per step of each, the ratio
 (peer / ours, > 1 means we are faster), an MFU estimate for each against the CPU roof measured
 in the same run (`train.cpu_peak_flops`), both first-step losses and the largest difference of
-their summed log-probs. Also each side's median CPU seconds (user + sys, all threads) per step and the load average: on a
-shared machine the CPU-time ratio is the steadier figure.
+their summed log-probs. Also each side's median CPU seconds (user + sys, all threads) per step
+and the load average: on a shared machine the CPU-time ratio is the steadier figure.
 
   python experiments/benchmarks/w2_dpo_step.py [--steps 3] [--impl auto]
 """
