@@ -16,8 +16,8 @@ Libraries: XLA:CPU as JAX compiles it by default (YNNPACK dots), XLA:CPU with YN
 Eigen dots; a per-compile option, so both run in this process), PyTorch, NumPy (OpenBLAS).
 Attention's small batched matmuls (~4 % of the FLOPs) are left out. One JSON line: per library
 the seconds of each side's matmuls and their GFLOP/s, and `w2_ratio_bound`: the peer's matmul
-seconds under PyTorch over ours under each XLA variant -- the W2 ratio we would reach if
-everything else in both steps cost nothing.
+seconds under PyTorch over ours under each library -- the W2 ratio we would reach if everything
+else in both steps cost nothing (for "torch" and "numpy": if our step could call their GEMMs).
 
   python experiments/benchmarks/w2_gemm_gap.py [--repeats 3]
 """
@@ -113,7 +113,7 @@ def main():
       result[lib][side] = {"s": round(s, 3), "gflop_s": round(flops[side] / s / 1e9, 1)}
   peer_s = result["torch"]["peer"]["s"]
   result["w2_ratio_bound"] = {lib: round(peer_s / result[lib]["ours"]["s"], 3)
-                              for lib in ("xla", "xla_eigen")}
+                              for lib in ("xla", "xla_eigen", "torch", "numpy")}
   print(json.dumps(result))
 
 
