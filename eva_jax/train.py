@@ -53,7 +53,7 @@ PEAK_FLOPS_BY_KIND = (
     ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
 )
 # The CPU roof is a float32 [N, N] x [N, N] matmul of this size (BENCHMARKS.md's roof). It is
-# measured, not a constant: machines of one kind here ran it at 65 and at 115-190 GFLOP/s.
+# measured, not a constant: machines of one kind here ran it at 65 to 145 GFLOP/s.
 CPU_ROOF_SIZE = 2048
 
 

@@ -14,7 +14,7 @@ counts of one step:
 
 Libraries: XLA:CPU as JAX compiles it by default (YNNPACK dots), XLA:CPU with YNNPACK off (its
 Eigen dots; a per-compile option, so both run in this process), PyTorch, NumPy (OpenBLAS).
-Attention's small batched matmuls (~4 % of the FLOPs) are left out. One JSON line: per library
+Attention's small batched matmuls (~5 % of the FLOPs) are left out. One JSON line: per library
 the seconds of each side's matmuls and their GFLOP/s, and `w2_ratio_bound`: the peer's matmul
 seconds under PyTorch over ours under each library -- the W2 ratio we would reach if everything
 else in both steps cost nothing (for "torch" and "numpy": if our step could call their GEMMs).
