@@ -52,9 +52,10 @@ PEAK_FLOPS_BY_KIND = (
     ("v5p", 459e12), ("v5", 459e12), ("v4", 275e12),
     ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
 )
-# The CPU roof is a float32 [N, N] x [N, N] matmul of this size (BENCHMARKS.md's roof). It is
-# measured, not a constant: machines of one kind here ran it at 65 to 145 GFLOP/s.
-CPU_ROOF_SIZE = 2048
+# The CPU roof is a float32 [N, N] x [N, N] matmul of this size. It is measured, not a
+# constant: machines of one kind here ran BENCHMARKS.md's 2048^3 roof at 65 to 145 GFLOP/s.
+# 1024^3 runs at that rate or a little above, in a fifth of the time (~0.1 s a process).
+CPU_ROOF_SIZE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,7 +271,7 @@ def make_train_step(config: models.ModelConfig, optimizer, mesh, loss_cfg, *, sc
 @functools.cache
 def cpu_peak_flops(repeats: int = 3) -> float:
   """The host's float32 matmul roof in FLOP/s: the best of `repeats` jitted
-  CPU_ROOF_SIZE^3 products after a warm-up, measured once per process (~0.5 s). Fake CPU
+  CPU_ROOF_SIZE^3 products after a warm-up, measured once per process. Fake CPU
   devices share the host, so it is the whole host's, not a device's."""
   n = CPU_ROOF_SIZE
   device = jax.local_devices(backend="cpu")[0]
